@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -130,3 +131,16 @@ def test_config_checks_its_sizes() -> None:
         SamMed2DConfig(image_size=250)
     with pytest.raises(ValueError, match="encoder_global_attn_indexes"):
         SamMed2DConfig(encoder_depth=4)
+
+
+@torch.no_grad()
+def test_bf16_model_matches_reference_bf16_run(tiny_sam: SamMed2D) -> None:
+    """Pins the bf16 path: the fp32 dense PE meets bf16 weights (the reference casts q/k/v inputs)."""
+    with np.load(GOLDEN / "a_grounding_bf16.npz") as data:
+        ref = {k: torch.from_numpy(data[k]).to(torch.bfloat16) for k in data.files}
+    model = copy.deepcopy(tiny_sam).to(torch.bfloat16)
+    emb = model.encode_image(ref["images_sam"])
+    low_res, _ = model.decode_with_text(ref["eval_sam_image_embeddings"], ref["eval_seg_embedding"])
+    assert low_res.dtype == torch.bfloat16
+    assert _max_err(emb.float(), ref["eval_sam_image_embeddings"].float()) < 0.05  # measured: 0 (bitwise)
+    assert _max_err(low_res.float(), ref["eval_low_res_masks"].float()) < 0.05  # measured: 0 (bitwise)
