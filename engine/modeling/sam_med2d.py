@@ -64,9 +64,7 @@ class SamMed2DConfig:
         if unknown:
             raise ValueError(f"unknown SAM-Med2D config key(s) {unknown}; valid keys are {sorted(names)}")
         if missing:
-            raise ValueError(
-                f"SAM-Med2D config is missing key(s) {missing}; give every one of {sorted(names)}"
-            )
+            raise ValueError(f"SAM-Med2D config is missing key(s) {missing}; give all of {sorted(names)}")
         d = dict(d, encoder_global_attn_indexes=tuple(d["encoder_global_attn_indexes"]))
         return cls(**d)
 
@@ -79,12 +77,9 @@ class SamMed2DConfig:
         self._check_divisible("encoder_embed_dim", "encoder_num_heads")
         self._check_divisible("mask_in_chans", 4)
         self._check_divisible("prompt_embed_dim", 8)  # output upscaling goes to dim // 8
-        if (self.prompt_embed_dim // self.attention_downsample_rate) % self.decoder_num_heads:
-            raise ValueError(
-                f"prompt_embed_dim // {self.attention_downsample_rate} = "
-                f"{self.prompt_embed_dim // self.attention_downsample_rate} must be divisible by "
-                f"decoder_num_heads={self.decoder_num_heads}"
-            )
+        inner = self.prompt_embed_dim // self.attention_downsample_rate  # width of the cross attentions
+        if inner % self.decoder_num_heads:
+            raise ValueError(f"prompt_embed_dim / 2 = {inner} must be divisible by decoder_num_heads")
         bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
         if bad:
             raise ValueError(f"encoder_global_attn_indexes {bad} lie outside 0..{self.encoder_depth - 1}")
@@ -92,9 +87,7 @@ class SamMed2DConfig:
     def _check_divisible(self, name: str, by: str | int) -> None:
         divisor = by if isinstance(by, int) else getattr(self, by)
         if getattr(self, name) % divisor:
-            raise ValueError(
-                f"SamMed2DConfig.{name}={getattr(self, name)} must be divisible by {by}={divisor}"
-            )
+            raise ValueError(f"SamMed2DConfig.{name}={getattr(self, name)} must be divisible by {by}")
 
 
 # ----------------------------------------------------------------------------- shared pieces
