@@ -1,0 +1,176 @@
+"""`python -m engine ask ...`: the researchers' quick check and the contract other parts rely on.
+
+Bad input (missing file, not an image, unknown model, malformed point) → one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from engine.results import Answer, GenerationSettings
+
+EXIT_BAD_INPUT = 2
+DEFAULT_QUESTION = "Please describe this image."
+log = logging.getLogger("engine.cli")
+
+
+class UsageError(ValueError):
+    """Bad command-line input: reported as one line and exit code 2."""
+
+
+def _pair(text: str, n: int, what: str) -> tuple[int, ...]:
+    parts = text.replace(" ", "").split(",")
+    try:
+        values = tuple(int(round(float(p))) for p in parts)
+    except ValueError:
+        raise UsageError(f"malformed {what} {text!r}: expected {n} comma-separated numbers") from None
+    if len(values) != n:
+        raise UsageError(f"malformed {what} {text!r}: expected {n} comma-separated numbers")
+    return values
+
+
+def add_ask_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ask", help="ask one question about one image (optionally with a region)")
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the shipped small model)")
+    p.add_argument("--revision", default=None, help="hub revision (with a hub id)")
+    p.add_argument("--image", required=True, help="PNG/JPEG/TIFF/BMP, DICOM or NIfTI file")
+    p.add_argument("--frame", type=int, default=0, help="frame (DICOM) or slice (NIfTI, axial) index")
+    p.add_argument("--question", default=DEFAULT_QUESTION)
+    p.add_argument("--point", action="append", default=[], metavar="X,Y", help="point prompt (repeatable)")
+    p.add_argument("--box", default=None, metavar="X1,Y1,X2,Y2", help="box prompt in pixels")
+    p.add_argument("--sketch", default=None, metavar="MASK.png", help="free-form region: nonzero pixels")
+    p.add_argument("--force-answer", default=None, help='teacher-force this answer, e.g. "<SEG>"')
+    p.add_argument("--template", default="llava_v1", choices=("vicuna_v1", "llava_v1"))
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--save-mask", default=None, metavar="OUT.png")
+    p.add_argument("--postprocess", default="medplib", choices=("medplib", "crop"))
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def read_rgb(path: str, frame: int = 0) -> np.ndarray:
+    from engine.imageio import ImageReadError, read_image, to_rgb
+
+    if not Path(path).is_file():
+        raise UsageError(f"image not found: {path}")
+    try:
+        return to_rgb(read_image(path), index=frame)
+    except (ImageReadError, IndexError, ValueError) as err:
+        raise UsageError(f"cannot read image {path}: {err}") from None
+
+
+def region_from_args(args: argparse.Namespace, shape: tuple[int, int]) -> np.ndarray | None:
+    """Union of the given point squares, box and sketch as one (H, W) bool region mask, or None."""
+    from engine.processing import box_mask, point_mask, sketch_mask
+
+    masks: list[np.ndarray] = []
+    try:
+        for text in args.point:
+            x, y = _pair(text, 2, "point")
+            masks.append(point_mask(x, y, shape))
+        if args.box:
+            masks.append(box_mask(*_pair(args.box, 4, "box"), shape))
+        if args.sketch:
+            masks.append(sketch_mask(_read_sketch(args.sketch, shape)))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return np.logical_or.reduce(masks) if masks else None
+
+
+def _read_sketch(path: str, shape: tuple[int, int]) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise UsageError(f"sketch mask not found: {path}")
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L")) > 0
+    except (UnidentifiedImageError, OSError) as err:
+        raise UsageError(f"cannot read sketch mask {path}: {err}") from None
+    if arr.shape != shape:
+        raise UsageError(f"sketch mask is {arr.shape[1]}x{arr.shape[0]} but the image is {shape[1]}x{shape[0]}")
+    return arr
+
+
+def answer_json(answer: Answer, mask_png: str | None) -> dict:
+    return {
+        "answer": answer.text,
+        "token_ids": list(answer.token_ids),
+        "has_mask": answer.has_mask,
+        "mask_area": answer.mask_area,
+        "mask_png": mask_png,
+        "experts": [list(e) for e in answer.experts],
+        "timings_ms": dict(answer.timings_ms),
+    }
+
+
+def save_mask(mask: np.ndarray, path: str) -> str:
+    from PIL import Image
+
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path)
+    return path
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    from engine.loading import ModelNotFoundError, load_engine
+
+    rgb = read_rgb(args.image, args.frame)
+    region = region_from_args(args, rgb.shape[:2])
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    try:
+        eng = load_engine(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
+                          postprocess=args.postprocess)
+    except ModelNotFoundError as err:
+        raise UsageError(str(err)) from None
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  seed=args.seed, force_answer=args.force_answer, template=args.template)
+    image = eng.set_image(rgb)
+    try:
+        stream = eng.stream(image, args.question, region=region, settings=settings)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for piece in stream:
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    answer = stream.result
+    mask_png = save_mask(answer.mask, args.save_mask) if args.save_mask and answer.has_mask else None
+    if args.json:
+        print(json.dumps(answer_json(answer, mask_png)))
+    else:
+        print()
+        print(f"[mask: {answer.mask_area} px{' → ' + mask_png if mask_png else ''}]" if answer.has_mask
+              else "[no <SEG> in the answer: no mask]")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="MedPLIB inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_ask_parser(sub)
+    try:
+        from engine.evaluate import add_evaluate_parser, run_evaluate
+    except ImportError:
+        add_evaluate_parser = run_evaluate = None
+    if add_evaluate_parser is not None:
+        add_evaluate_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "ask":
+            return run_ask(args)
+        return run_evaluate(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT

@@ -1,0 +1,239 @@
+"""The inference engine: set an image once, then ask many questions, streamed token by token.
+
+Knows nothing of any UI. Images go in as (H, W, 3) uint8 numpy arrays, answers come out as `Answer`s.
+The flow for one question (reference: MedPLIB `evaluate()` and its demo worker):
+  prompt text → ids with -200 (image) / -300 (region) → embeddings with the 576 image tokens and the pooled
+  region vector spliced in → MoE-LLaMA prefill + cached decoding → if `<SEG>` was produced, the post-norm
+  hidden state that predicted it → text_hidden_fcs → SAM-Med2D prompt → 64×64 logits → original size mask.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.config import MedPLIBConfig
+from engine.conversation import build_prompt
+from engine.modeling.medplib import MedPLIBModel
+from engine.processing import (
+    binarize,
+    clip_preprocess,
+    pool_region,
+    postprocess_masks,
+    region_grid,
+    sam_preprocess,
+)
+from engine.results import Answer, GenerationSettings, ModelInfo
+from engine.tokenizer import MedPLIBTokenizer
+
+
+@dataclass
+class ImageHandle:
+    """One image's cached embeddings; create it with `Engine.set_image`, reuse it for every question.
+
+    clip_features: (576, mm_hidden) CLIP patch features; image_tokens: (576, hidden) projected.
+    The SAM-Med2D embedding is computed on the first `<SEG>` and kept.
+    """
+
+    shape: tuple[int, int]  # (H, W) of the original image
+    clip_features: torch.Tensor
+    image_tokens: torch.Tensor
+    sam_pixels: torch.Tensor  # (1, 3, 256, 256)
+    sam_resized_hw: tuple[int, int]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    _sam_embedding: torch.Tensor | None = None
+
+
+@dataclass
+class _Decoded:
+    """What the decoding loop leaves for the mask step."""
+
+    ids: list[int] = field(default_factory=list)
+    predicting_hidden: list[torch.Tensor] = field(default_factory=list)  # hidden that predicted ids[t]
+    experts: list[list[int]] = field(default_factory=list)  # [layer][t]
+
+
+class AnswerStream:
+    """Iterate for text pieces as they are generated; `result` holds the `Answer` once iteration ends."""
+
+    def __init__(self, pieces: Iterator[str]) -> None:
+        self._pieces = pieces
+        self.result: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+
+class Engine:
+    """MedPLIB inference on one model. Thread-compatible, not thread-safe: serialise calls (the portal does)."""
+
+    def __init__(self, *, model: MedPLIBModel, tokenizer: MedPLIBTokenizer, config: MedPLIBConfig,
+                 info: ModelInfo) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.info = info
+        self.device = torch.device(info.device)
+        self.dtype = next(model.llm.parameters()).dtype
+
+    # ---- image --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def set_image(self, rgb: np.ndarray) -> ImageHandle:
+        """(H, W, 3) uint8 RGB → cached CLIP features (SAM's follow on the first `<SEG>`)."""
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
+        t0 = time.perf_counter()
+        pixels = torch.from_numpy(clip_preprocess(rgb))[None].to(self.device, self.dtype)
+        feats = self.model.clip_features(pixels)[0]  # (576, mm_hidden)
+        tokens = self.model.project_image(feats)  # (576, hidden)
+        sam_np, resized = sam_preprocess(rgb)
+        sam_pixels = torch.from_numpy(sam_np)[None].to(self.device, self.model.sam_dtype())
+        return ImageHandle(shape=rgb.shape[:2], clip_features=feats, image_tokens=tokens, sam_pixels=sam_pixels,
+                           sam_resized_hw=tuple(resized), timings_ms={"clip": _ms(t0)})
+
+    def sam_embedding(self, image: ImageHandle) -> torch.Tensor:
+        """(1, C, 16, 16) SAM-Med2D image embedding, computed once per image."""
+        if image._sam_embedding is None:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                image._sam_embedding = self.model.sam.encode_image(image.sam_pixels)
+            image.timings_ms["sam"] = _ms(t0)
+        return image._sam_embedding
+
+    # ---- questions ----------------------------------------------------------------------------------
+    def ask(self, image: ImageHandle, question: str, *, region: np.ndarray | None = None,
+            history: Sequence[tuple[str, str]] = (), settings: GenerationSettings = GenerationSettings()) -> Answer:
+        stream = self.stream(image, question, region=region, history=history, settings=settings)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def stream(self, image: ImageHandle, question: str, *, region: np.ndarray | None = None,
+               history: Sequence[tuple[str, str]] = (), settings: GenerationSettings = GenerationSettings()
+               ) -> AnswerStream:
+        """Start answering; validation errors are raised here, before any piece is yielded."""
+        if not question or not question.strip():
+            raise ValueError("the question is empty: type a question about the image")
+        if region is not None and region.shape != image.shape:
+            raise ValueError(f"the region mask is {region.shape} but the image is {image.shape}")
+        prompt = build_prompt(question, template=settings.template, history=history, has_region=region is not None)
+        ids = self.tokenizer.encode_prompt(prompt)
+        stream = AnswerStream(iter(()))
+        stream._pieces = self._run(stream, image, ids, region, settings)
+        return stream
+
+    @torch.inference_mode()
+    def _run(self, stream: AnswerStream, image: ImageHandle, ids: list[int], region: np.ndarray | None,
+             settings: GenerationSettings) -> Iterator[str]:
+        t0 = time.perf_counter()
+        timings: dict[str, float] = dict(image.timings_ms)
+        embeds = self.model.embed_prompt(ids, image.image_tokens, self._region_vector(image, region, settings))
+        decoder = self.tokenizer.streaming_decoder()
+        if settings.force_answer is not None:
+            decoded = self._teacher_force(embeds, settings.force_answer)
+            timings["prefill"] = _ms(t0)
+            for tok in decoded.ids:
+                piece = decoder.push(tok)
+                if piece:
+                    yield piece
+        else:
+            decoded = _Decoded()
+            for tok in self._generate(embeds, settings, decoded, timings):
+                piece = decoder.push(tok)
+                if piece:
+                    yield piece
+        tail = decoder.finish()
+        if tail:
+            yield tail
+        stream.result = self._finish(image, decoded, decoder.text, timings, t0)
+
+    def _region_vector(self, image: ImageHandle, region: np.ndarray | None,
+                       settings: GenerationSettings) -> torch.Tensor | None:
+        if region is None:
+            return None
+        grid = region_grid(region)
+        if not grid.any():
+            raise ValueError("the marked region is too small to reach any 14-px CLIP patch: mark a larger area")
+        fmap = self.model.region_feature_map(image.clip_features).float()
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)  # the reference demo seeds right before randperm
+        return pool_region(fmap, grid, max_points=self.config.max_sample_point)
+
+    def _teacher_force(self, embeds: torch.Tensor, answer: str) -> _Decoded:
+        """Feed prompt + forced answer + `</s>` in one causal pass, as training does."""
+        forced = self.tokenizer.encode(answer, add_bos=False) + [self.tokenizer.eos_id]
+        extra = self.model.embed_ids(torch.tensor([forced[:-1]], device=self.device))
+        hidden, _ = self.model.llm(torch.cat([embeds, extra], dim=1))
+        start = embeds.shape[1] - 1  # the position that predicts forced[0]
+        routing = self.model.llm.routing()
+        return _Decoded(
+            ids=forced,
+            predicting_hidden=list(hidden[0, start:]),
+            experts=[r[0, start:].tolist() for r in routing],
+        )
+
+    def _generate(self, embeds: torch.Tensor, settings: GenerationSettings, out: _Decoded,
+                  timings: dict[str, float]) -> Iterator[int]:
+        """Greedy (temperature 0) or sampled decoding with a KV cache; yields each new id."""
+        llm = self.model.llm
+        generator = None
+        if settings.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(settings.seed if settings.seed is not None else int(time.time_ns() % 2**31))
+        cache = llm.new_cache()
+        t0 = time.perf_counter()
+        hidden, _ = llm(embeds, cache=cache, start=0)
+        timings["prefill"] = _ms(t0)
+        t1 = time.perf_counter()
+        pos = embeds.shape[1]
+        out.experts = [[] for _ in llm.layers]
+        for _ in range(settings.max_new_tokens):
+            h_last = hidden[0, -1]
+            for layer, choice in enumerate(llm.routing()):
+                out.experts[layer].append(int(choice[0, -1]))
+            tok = self._next_token(self.model.logits(h_last), settings.temperature, generator)
+            out.ids.append(tok)
+            out.predicting_hidden.append(h_last)
+            yield tok
+            if tok == self.tokenizer.eos_id:
+                break
+            hidden, _ = llm(self.model.embed_ids(torch.tensor([[tok]], device=self.device)), cache=cache, start=pos)
+            pos += 1
+        timings["decode"] = _ms(t1)
+
+    @staticmethod
+    def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+        if temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def _finish(self, image: ImageHandle, decoded: _Decoded, text: str, timings: dict[str, float],
+                t0: float) -> Answer:
+        seg = self.tokenizer.seg_token_id
+        mask = logits = low = None
+        if seg in decoded.ids:
+            t1 = time.perf_counter()
+            low, logits, mask = self._mask(image, decoded.predicting_hidden[decoded.ids.index(seg)])
+            timings["mask"] = _ms(t1)
+        timings["total"] = _ms(t0) + image.timings_ms.get("clip", 0.0)
+        return Answer(text=text, token_ids=tuple(decoded.ids), mask=mask, mask_logits=logits, low_res_logits=low,
+                      experts=tuple(tuple(e) for e in decoded.experts), timings_ms=timings)
+
+    def _mask(self, image: ImageHandle, hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Hidden state that predicted `<SEG>` → (low-res (64,64), logits (H,W), bool mask (H,W))."""
+        emb = self.model.seg_embedding(hidden).to(self.model.sam_dtype())
+        low, _iou = self.model.sam.decode_with_text(self.sam_embedding(image), emb)
+        full = postprocess_masks(low.float(), image.sam_resized_hw, image.shape, mode=self.config.postprocess)
+        logits = full[0, 0]
+        mask = binarize(logits, threshold=self.config.mask_threshold)
+        return low[0, 0].float().cpu().numpy(), logits.cpu().numpy(), np.asarray(mask.cpu().numpy(), dtype=bool)
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000.0, 2)
