@@ -1,0 +1,27 @@
+"""Errors of the case library. Every message says what went wrong and what to do."""
+
+from __future__ import annotations
+
+
+class CaseStoreError(Exception):
+    """Base class: anything the case library refuses to do."""
+
+
+class CaseNotFound(CaseStoreError, LookupError):
+    """No (visible) case, question or image with that id."""
+
+
+class PermissionDenied(CaseStoreError, PermissionError):
+    """An instructor action without a valid instructor session."""
+
+
+class InvalidCaseData(CaseStoreError, ValueError):
+    """Input that would make a broken case: wrong sizes, empty fields, oversized images, bad kinds."""
+
+
+class ArchiveError(CaseStoreError):
+    """An export/import archive that cannot be written or read; nothing was written to the store."""
+
+
+class DuplicateCase(ArchiveError):
+    """An archive (or a new case) uses a slug that is already in the library."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the case library; run programmatically by `cases.store.upgrade_schema`."""
