@@ -29,7 +29,9 @@ REGION_TAGS = REGION_START_TOKEN + REGION_END_TOKEN  # "<region></region>", wher
 IMAGE_PROMPT_PREFIX = IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN + "\n"
 # Control tokens a user may not type: they would inject EOS, image brackets or `<SEG>` into the prompt.
 FORBIDDEN_IN_QUESTION: tuple[str, ...] = tuple(
-    t for t in (*ADDED_TOKENS, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN) if t not in (REGION_START_TOKEN, REGION_END_TOKEN)
+    t
+    for t in (*ADDED_TOKENS, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
+    if t not in (REGION_START_TOKEN, REGION_END_TOKEN)
 )
 
 # Tokens that would break the turn structure if an earlier answer carried them.
@@ -78,8 +80,10 @@ def get_template(template: str | ConversationTemplate) -> ConversationTemplate:
 def _check_control_tokens(text: str, what: str) -> None:
     found = [t for t in FORBIDDEN_IN_QUESTION if t in text]
     if found:
-        raise ValueError(f"the {what} contains the control token(s) {found}; remove them (only "
-                         f"{IMAGE_TOKEN} and {REGION_START_TOKEN} may be typed)")
+        raise ValueError(
+            f"the {what} contains the control token(s) {found}; remove them (only "
+            f"{IMAGE_TOKEN} and {REGION_START_TOKEN} may be typed)"
+        )
 
 
 def _check_answer(answer: str) -> None:
@@ -97,14 +101,18 @@ def _current_question(question: str, has_region: bool) -> str:
     """Apply the region rule to the question being asked now (see module docstring)."""
     text = question.replace(REGION_TAGS, REGION_START_TOKEN)
     if REGION_END_TOKEN in text:
-        raise ValueError(f"the question has a stray {REGION_END_TOKEN}; write {REGION_START_TOKEN} where the "
-                         "region belongs, or nothing")
+        raise ValueError(
+            f"the question has a stray {REGION_END_TOKEN}; write {REGION_START_TOKEN} where the "
+            "region belongs, or nothing"
+        )
     n_regions = text.count(REGION_START_TOKEN)
     if n_regions > 1:
         raise ValueError(f"the question names {n_regions} regions; MedPLIB takes one region per question")
     if n_regions == 1 and not has_region:
-        raise ValueError(f"the question mentions {REGION_START_TOKEN} but no region was given; draw a "
-                         f"point, box or sketch, or remove {REGION_START_TOKEN}")
+        raise ValueError(
+            f"the question mentions {REGION_START_TOKEN} but no region was given; draw a "
+            f"point, box or sketch, or remove {REGION_START_TOKEN}"
+        )
     if n_regions == 1:
         return text.replace(REGION_START_TOKEN, REGION_TAGS)
     return text + REGION_TAGS if has_region else text

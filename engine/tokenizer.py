@@ -44,7 +44,15 @@ UNK_TOKEN = "<unk>"
 # `utils.utils.ADD_OTHERS_TOKENS`, then `<gen_1>`..`<gen_256>`, then `<im_start>`, `<im_end>`: the order in
 # which `train_ds_medplib.py` adds them, hence their ids (sp_vocab + i).
 OTHER_ADDED_TOKENS: tuple[str, ...] = (
-    SEG_TOKEN, "<ref>", "</ref>", REGION_START_TOKEN, REGION_END_TOKEN, "<sr>", "</sr>", "<mask>", "</mask>",
+    SEG_TOKEN,
+    "<ref>",
+    "</ref>",
+    REGION_START_TOKEN,
+    REGION_END_TOKEN,
+    "<sr>",
+    "</sr>",
+    "<mask>",
+    "</mask>",
 )
 GEN_TOKENS: tuple[str, ...] = tuple(f"<gen_{i}>" for i in range(1, 257))
 ADDED_TOKENS: tuple[str, ...] = OTHER_ADDED_TOKENS + GEN_TOKENS + (IM_START_TOKEN, IM_END_TOKEN)
@@ -69,7 +77,11 @@ class MedPLIBTokenizer:
         self._check_added(added_tokens)
         self._added = dict(sorted(added_tokens.items(), key=lambda kv: kv[1]))  # name -> id, by id
         self._added_by_id = {i: t for t, i in self._added.items()}
-        self._special = {BOS_TOKEN: self._sp.bos_id(), EOS_TOKEN: self._sp.eos_id(), UNK_TOKEN: self._sp.unk_id()}
+        self._special = {
+            BOS_TOKEN: self._sp.bos_id(),
+            EOS_TOKEN: self._sp.eos_id(),
+            UNK_TOKEN: self._sp.unk_id(),
+        }
         no_split = sorted([*self._added, *self._special], key=len, reverse=True)
         self._split_re = re.compile("(" + "|".join(re.escape(t) for t in no_split) + ")")
 
@@ -94,12 +106,18 @@ class MedPLIBTokenizer:
         folder = Path(path)
         missing = [f for f in TOKENIZER_FILES if not (folder / f).is_file()]
         if missing:
-            raise FileNotFoundError(f"{folder} lacks tokenizer files {missing}; expected {list(TOKENIZER_FILES)}")
+            raise FileNotFoundError(
+                f"{folder} lacks tokenizer files {missing}; expected {list(TOKENIZER_FILES)}"
+            )
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
         if config.get("legacy") is False:
-            raise ValueError(f"{folder}/tokenizer_config.json has legacy=false; only the legacy=True rules "
-                             "MedPLIB was trained with are implemented")
-        _check_special_map(json.loads((folder / "special_tokens_map.json").read_text(encoding="utf-8")), folder)
+            raise ValueError(
+                f"{folder}/tokenizer_config.json has legacy=false; only the legacy=True rules "
+                "MedPLIB was trained with are implemented"
+            )
+        _check_special_map(
+            json.loads((folder / "special_tokens_map.json").read_text(encoding="utf-8")), folder
+        )
         added = json.loads((folder / "added_tokens.json").read_text(encoding="utf-8"))
         sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
         return cls(sp_model=sp, added_tokens=added)
@@ -146,7 +164,9 @@ class MedPLIBTokenizer:
             return self._added[name]
         if name in self._special:
             return self._special[name]
-        raise KeyError(f"{name!r} is not an added or special token (e.g. {SEG_TOKEN}, {REGION_START_TOKEN}, {EOS_TOKEN})")
+        raise KeyError(
+            f"{name!r} is not an added or special token (e.g. {SEG_TOKEN}, {REGION_START_TOKEN}, {EOS_TOKEN})"
+        )
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -193,16 +213,21 @@ class MedPLIBTokenizer:
         ids = [self.bos_id] + chunks[0][1:]
         for chunk in chunks[1:]:
             ids += [IMAGE_TOKEN_INDEX] + chunk[1:]
-        return insert_region_placeholders(ids, self._added[REGION_START_TOKEN], self._added[REGION_END_TOKEN]) \
-            if region_placeholder else ids
+        return (
+            insert_region_placeholders(ids, self._added[REGION_START_TOKEN], self._added[REGION_END_TOKEN])
+            if region_placeholder
+            else ids
+        )
 
     # ------------------------------------------------------------------ decoding
     def _id_to_piece(self, token_id: int) -> str:
         if token_id in self._added_by_id:
             return self._added_by_id[token_id]
         if not 0 <= token_id < self._sp.vocab_size():
-            raise ValueError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1}); "
-                             "placeholders (-200 image, -300 region) cannot be decoded, drop them first")
+            raise ValueError(
+                f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1}); "
+                "placeholders (-200 image, -300 region) cannot be decoded, drop them first"
+            )
         return self._sp.id_to_piece(token_id)
 
     def _pieces_to_string(self, pieces: Sequence[str]) -> str:
@@ -291,7 +316,7 @@ class StreamingDecoder:
     def _emit(self, visible: str) -> str:
         if not visible.startswith(self._emitted) or len(visible) <= len(self._emitted):
             return ""
-        delta = visible[len(self._emitted):]
+        delta = visible[len(self._emitted) :]
         self._emitted = visible
         return delta
 
@@ -333,7 +358,9 @@ def _dump(obj: object) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def save_tokenizer_folder(sp_model_path: str | Path, out_dir: str | Path, *, model_max_length: int = 512) -> Path:
+def save_tokenizer_folder(
+    sp_model_path: str | Path, out_dir: str | Path, *, model_max_length: int = 512
+) -> Path:
     """Write the released MedPLIB tokenizer layout for a LLaMA-style SentencePiece model.
 
     Files: tokenizer.model (copied), added_tokens.json (ADDED_TOKENS with ids sp_vocab + i),
@@ -347,15 +374,32 @@ def save_tokenizer_folder(sp_model_path: str | Path, out_dir: str | Path, *, mod
     if [sp.id_to_piece(i) for i in (0, 1, 2)] != [UNK_TOKEN, BOS_TOKEN, EOS_TOKEN]:
         raise ValueError(f"{sp_model_path}: ids 0, 1, 2 must be <unk>, <s>, </s> (LLaMA layout)")
     shutil.copyfile(sp_model_path, out / "tokenizer.model")
-    (out / "added_tokens.json").write_text(_dump({t: n_sp + i for i, t in enumerate(ADDED_TOKENS)}), encoding="utf-8")
-    special = {"bos_token": _added_token_json(BOS_TOKEN), "eos_token": _added_token_json(EOS_TOKEN),
-               "pad_token": UNK_TOKEN, "unk_token": _added_token_json(UNK_TOKEN)}
+    (out / "added_tokens.json").write_text(
+        _dump({t: n_sp + i for i, t in enumerate(ADDED_TOKENS)}), encoding="utf-8"
+    )
+    special = {
+        "bos_token": _added_token_json(BOS_TOKEN),
+        "eos_token": _added_token_json(EOS_TOKEN),
+        "pad_token": UNK_TOKEN,
+        "unk_token": _added_token_json(UNK_TOKEN),
+    }
     (out / "special_tokens_map.json").write_text(_dump(special), encoding="utf-8")
-    typed = {k: {"__type": "AddedToken", **_added_token_json(v)}
-             for k, v in (("bos_token", BOS_TOKEN), ("eos_token", EOS_TOKEN), ("unk_token", UNK_TOKEN))}
-    config = {"add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-              "legacy": True, "model_max_length": model_max_length, "pad_token": None, "padding_side": "right",
-              "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", **typed}
+    typed = {
+        k: {"__type": "AddedToken", **_added_token_json(v)}
+        for k, v in (("bos_token", BOS_TOKEN), ("eos_token", EOS_TOKEN), ("unk_token", UNK_TOKEN))
+    }
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "legacy": True,
+        "model_max_length": model_max_length,
+        "pad_token": None,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        **typed,
+    }
     (out / "tokenizer_config.json").write_text(_dump(config), encoding="utf-8")
     logger.info("wrote MedPLIB tokenizer layout (%d + %d tokens) to %s", n_sp, len(ADDED_TOKENS), out)
     return out

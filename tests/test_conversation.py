@@ -51,11 +51,14 @@ def test_image_moves_to_front_and_prompt_is_open() -> None:
 
 def test_history_turns_render_with_eos_and_no_regions() -> None:
     prompt = build_prompt(
-        "And the spleen?", template="vicuna_v1",
+        "And the spleen?",
+        template="vicuna_v1",
         history=[("Segment the <region> liver", "Here it is. "), ("Size?", "Large")],
     )
-    expected = (VICUNA_V1.system + " USER: <im_start><image><im_end>\nSegment the liver ASSISTANT: Here it is.</s>"
-                "USER: Size? ASSISTANT: Large</s>USER: And the spleen? ASSISTANT:")
+    expected = (
+        VICUNA_V1.system + " USER: <im_start><image><im_end>\nSegment the liver ASSISTANT: Here it is.</s>"
+        "USER: Size? ASSISTANT: Large</s>USER: And the spleen? ASSISTANT:"
+    )
     assert prompt == expected
 
 

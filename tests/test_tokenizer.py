@@ -18,7 +18,9 @@ from engine.tokenizer import (
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 TOKENIZER_DIR = GOLDEN / "tiny-medplib-ref"
-pytestmark = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.model").is_file(), reason="golden fixtures absent")
+pytestmark = pytest.mark.skipif(
+    not (TOKENIZER_DIR / "tokenizer.model").is_file(), reason="golden fixtures absent"
+)
 
 
 @pytest.fixture(scope="module")
