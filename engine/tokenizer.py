@@ -251,10 +251,10 @@ class MedPLIBTokenizer:
         skip = set(self._special.values()) if skip_special_tokens else set()
         sub_texts: list[str] = []
         run: list[str] = []
-        for token_id in ids:
+        for token_id in (int(i) for i in ids):  # accepts lists, numpy arrays and 1-D tensors
             if token_id in skip:
                 continue
-            piece = self._id_to_piece(int(token_id))
+            piece = self._id_to_piece(token_id)
             if piece in self._added:
                 if run:
                     sub_texts.append(self._pieces_to_string(run))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from engine.tokenizer import (
     ADDED_TOKENS,
@@ -69,6 +70,15 @@ def test_decode_answer_drops_control_tokens(tok: MedPLIBTokenizer) -> None:
     c_vqa = json.loads((GOLDEN / "c_vqa.json").read_text(encoding="utf-8"))
     assert tok.decode_answer(c_vqa["generated_ids"]) == "bilateral"  # golden text: "bilateral <gen_95> ..."
     assert tok.decode_answer([tok.seg_token_id, tok.eos_id]) == ""
+
+
+def test_decode_accepts_tensors_and_arrays(tok: MedPLIBTokenizer) -> None:
+    ids = [1, 327, 950, 1000, 2]
+    expected = tok.decode(ids, skip_special_tokens=True)
+    assert expected == "ASSISTANT: <SEG>"
+    assert tok.decode(torch.tensor(ids), skip_special_tokens=True) == expected
+    assert tok.decode(np.array(ids), skip_special_tokens=True) == expected
+    assert tok.decode_answer(torch.tensor(ids)) == "ASSISTANT:"
 
 
 def test_decode_rejects_placeholders(tok: MedPLIBTokenizer) -> None:
