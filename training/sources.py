@@ -9,6 +9,8 @@ mask's method is stored next to it in `index.json` and summarised in `PROVENANCE
 Output layout, paths relative to the folder:
     images/<id>.png             (H, W) L or (H, W, 3) RGB uint8, longest side <= MAX_SIDE
     masks/<id>--<label>.png     (H, W) L uint8 with values {0, 255}, same size as its image
+    regions/<id>--<label>--<kind>.png   region prompts, same format: a "point" square and a "box" per mask,
+                                and a "background" point square that touches no mask
     index.json                  list of records, see `_record`
     PROVENANCE.md               sources, licences, mask methods, split rule, counts
 
@@ -39,6 +41,7 @@ from scipy import ndimage as ndi
 log = logging.getLogger(__name__)
 
 MAX_SIDE = 256  # longest side of every written image, px (keeps the repo small)
+POINT_HALF_PX = 6  # a "point" region prompt is a (2*6+1)-px square (MedPLIB's demo uses +-20 px at full size)
 MIN_MASK_PIXELS = 40  # masks smaller than this (after resizing) are dropped
 MNI_STEP_MM = 4  # distance between extracted MNI152 slices
 MNI_MIN_BRAIN_PIXELS = 2500  # slices whose brain mask is smaller than this are skipped
@@ -523,8 +526,54 @@ def write_item(item: Extracted, out: Path, split: str) -> dict | None:
     for spec, arr in masks:
         rel = f"masks/{item.key}--{_slug(spec.label)}.png"
         _write_png(arr.astype(np.uint8) * 255, out / rel)
-        mask_records.append({"label": spec.label, "path": rel, "method": spec.method})
-    return _record(item, image_rel, mask_records, size, split)
+        regions = {kind: _write_region(region, out, f"{item.key}--{_slug(spec.label)}--{kind}")
+                   for kind, region in prompt_regions(arr).items()}
+        mask_records.append({"label": spec.label, "path": rel, "method": spec.method, "regions": regions})
+    record = _record(item, image_rel, mask_records, size, split)
+    background = background_region(np.any([arr for _, arr in masks], axis=0))
+    record["background_region"] = (None if background is None
+                                   else _write_region(background, out, f"{item.key}--background--point"))
+    return record
+
+
+def _write_region(region: np.ndarray, out: Path, name: str) -> str:
+    rel = f"regions/{name}.png"
+    _write_png(region.astype(np.uint8) * 255, out / rel)
+    return rel
+
+
+def square(shape: tuple[int, int], row: int, col: int, half: int = POINT_HALF_PX) -> np.ndarray:
+    """(H, W) bool with a (2*half+1)-px square around (row, col), clipped to the image (a "point" prompt)."""
+    region = np.zeros(shape, dtype=bool)
+    region[max(0, row - half): row + half + 1, max(0, col - half): col + half + 1] = True
+    return region
+
+
+def prompt_regions(mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Region prompts for a (H, W) bool mask, as a user would draw them on its largest component.
+
+    "point": a square around the innermost pixel (maximum of the distance transform); "box": the
+    bounding box (rows and columns the right way round, not MedPLIB's swapped demo box). The mask itself
+    serves as the "sketch" prompt, so it is not written again.
+    """
+    part = largest_component(mask)
+    depth = ndi.distance_transform_edt(part)
+    row, col = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    rows, cols = np.nonzero(part)
+    box = np.zeros_like(part)
+    box[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1] = True
+    return {"point": square(mask.shape, int(row), int(col)), "box": box}
+
+
+def background_region(union: np.ndarray) -> np.ndarray | None:
+    """A point square that touches none of the masks (kept >= 3 px away), or None if none fits. (H, W) bool."""
+    free = ~ndi.binary_dilation(union, iterations=3)
+    free[0, :] = free[-1, :] = free[:, 0] = free[:, -1] = False
+    depth = ndi.distance_transform_edt(free)
+    if depth.max() <= POINT_HALF_PX * 1.5:
+        return None
+    row, col = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return square(union.shape, int(row), int(col))
 
 
 def _record(item: Extracted, image_rel: str, masks: list[dict], size: tuple[int, int], split: str) -> dict:
@@ -543,7 +592,7 @@ def _record(item: Extracted, image_rel: str, masks: list[dict], size: tuple[int,
 
 def write_assets(items: list[Extracted], out: Path) -> list[dict]:
     """Write images, masks, index.json and PROVENANCE.md under `out` (images/ and masks/ are rebuilt)."""
-    for sub in ("images", "masks"):
+    for sub in ("images", "masks", "regions"):
         shutil.rmtree(out / sub, ignore_errors=True)
         (out / sub).mkdir(parents=True)
     splits = assign_splits(items)
@@ -577,6 +626,9 @@ Masks are binary PNGs (0/255) at image size. "shipped" masks come with the data;
 computed here by the classic method shown (no learning, no manual editing); "SYNTHETIC" records contain a
 lesion painted into a real image (`synthetic: true` in index.json). Images are resized with Lanczos, masks
 with bilinear interpolation of 0/255 followed by >= 128. Masks under {min_px} px after resizing are dropped.
+Region prompts in `regions/` are computed from the written masks: a "point" is a {point}-px square around the
+innermost pixel of the mask's largest component, a "box" its bounding box, and a "background" point a square
+at least 3 px away from every mask of the image (none when no such place exists).
 
 | source file | mask label | method |
 |---|---|---|
@@ -600,7 +652,8 @@ sanity check, not a generalisation measure. The tiles of one stardist/IHC/NM ima
 
 def provenance_markdown(records: list[dict]) -> str:
     """PROVENANCE.md text for the written records: sources, licences, mask methods, split rule, counts."""
-    text = PROVENANCE_HEADER.format(max_side=MAX_SIDE, stardist=STARDIST_REQUIREMENT, min_px=MIN_MASK_PIXELS)
+    text = PROVENANCE_HEADER.format(max_side=MAX_SIDE, stardist=STARDIST_REQUIREMENT, min_px=MIN_MASK_PIXELS,
+                                  point=2 * POINT_HALF_PX + 1)
     methods = sorted({(r["source"]["package"] + " " + r["source"]["file"], m["label"], m["method"])
                       for r in records for m in r["masks"]})
     text += "".join(f"| {src} | {label} | {method} |\n" for src, label, method in methods)

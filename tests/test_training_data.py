@@ -1,0 +1,159 @@
+"""The bundled medical image assets (assets/medimages) and the MeCoVQA-format corpus built from them."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training import corpus as corpus_mod
+from training.sources import MAX_SIDE, SPLITS, Extracted, assign_splits, prompt_regions
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "medimages"
+RECORD_KEYS = {"id", "image", "masks", "modality", "organ", "plane", "source", "source_group", "licence",
+               "synthetic", "spacing_mm", "split", "split_unit", "background_region"}
+MASK_RE = re.compile(r"<mask>(.*?)</mask>")
+REGION_RE = re.compile(r"<region>(.*?)</region>")
+
+
+@pytest.fixture(scope="module")
+def index() -> list[dict]:
+    return json.loads((ASSETS / "index.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def corpus() -> dict[str, dict[str, list[dict]]]:
+    return corpus_mod.build_corpus(ASSETS)
+
+
+def _png(rel: str) -> np.ndarray:
+    with Image.open(ASSETS / rel) as im:
+        return np.asarray(im)
+
+
+def test_index_records_have_the_schema_and_their_files(index: list[dict]) -> None:
+    assert len(index) >= 100
+    assert len({r["id"] for r in index}) == len(index), "ids must be unique"
+    for r in index:
+        assert r.keys() >= RECORD_KEYS, r["id"]
+        assert {"package", "file", "slice"} <= r["source"].keys()
+        assert r["split"] in SPLITS and isinstance(r["synthetic"], bool) and r["masks"]
+        assert r["spacing_mm"] is None or len(r["spacing_mm"]) == 2
+        assert not Path(r["image"]).is_absolute() and (ASSETS / r["image"]).is_file()
+        for m in r["masks"]:
+            assert (ASSETS / m["path"]).is_file() and m["label"] and m["method"]
+
+
+def test_images_are_small_and_masks_are_binary_at_image_size(index: list[dict]) -> None:
+    for r in index:
+        image = _png(r["image"])
+        assert image.dtype == np.uint8 and image.ndim in (2, 3) and max(image.shape[:2]) <= MAX_SIDE
+        for m in r["masks"]:
+            mask = _png(m["path"])
+            assert mask.shape == image.shape[:2], m["path"]
+            assert set(np.unique(mask)) <= {0, 255} and mask.any(), m["path"]
+
+
+def test_assets_cover_five_modalities_and_stay_small(index: list[dict]) -> None:
+    modalities = {r["modality"] for r in index}
+    assert {"MRI", "CT", "fundus photography", "histopathology", "fluorescence microscopy"} <= modalities
+    assert sum(len(r["masks"]) for r in index) >= 300
+    total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
+    assert total <= 15 * 2**20, f"assets/medimages is {total / 2**20:.1f} MiB"
+    assert "licence" in (ASSETS / "PROVENANCE.md").read_text().lower()
+
+
+def test_no_source_slice_is_in_two_splits(index: list[dict]) -> None:
+    seen: dict[tuple, str] = {}
+    for r in index:
+        key = (r["source"]["package"], r["source"]["file"], r["source"]["slice"])
+        assert seen.setdefault(key, r["split"]) == r["split"], f"{key} is in two splits"
+    assert {r["split"] for r in index} == set(SPLITS)
+
+
+def test_region_prompts_are_inside_their_image_and_touch_the_structure(index: list[dict]) -> None:
+    for r in index[::7]:
+        for m in r["masks"]:
+            mask = _png(m["path"]) > 0
+            for rel in m["regions"].values():
+                region = _png(rel) > 0
+                assert region.shape == mask.shape and (region & mask).any(), rel
+        if r["background_region"]:
+            union = np.any([_png(m["path"]) > 0 for m in r["masks"]], axis=0)
+            assert not (_png(r["background_region"]) > 0)[union].any()
+
+
+def test_box_prompt_is_not_transposed() -> None:
+    """MedPLIB's demo fills boxes with rows and columns swapped; ours must cover the object itself."""
+    mask = np.zeros((40, 60), dtype=bool)
+    mask[5:10, 30:55] = True  # wide, short object
+    box = prompt_regions(mask)["box"]
+    assert box.sum() == mask.sum() and (box == mask).all()
+
+
+def _item(key: str, group: str, unit: int, synthetic: bool = False) -> Extracted:
+    return Extracted(key=key, image=np.zeros((4, 4), np.uint8), masks=(), modality="MRI", organ=None,
+                     plane="axial", package="p", file="f", slice=str(unit), source_group=group, unit=unit,
+                     licence="l", spacing_mm=None, synthetic=synthetic)
+
+
+def test_splits_are_contiguous_slice_ranges_and_follow_the_source_slice() -> None:
+    items = [_item(f"v-{u}", "vol", u) for u in range(0, 100, 5)]
+    items += [_item("v-45-synthetic", "vol", 45, synthetic=True), _item("single", "img", 0)]
+    splits = assign_splits(items)
+    order = [splits[f"v-{u}"] for u in range(0, 100, 5)]
+    assert order.count("val") == order.count("test") == 3
+    held = [i for i, s in enumerate(order) if s != "train"]
+    assert held == [6, 7, 8, 13, 14, 15], "val and test must each be one contiguous block of slices"
+    assert splits["v-45-synthetic"] == splits["v-45"], "a synthetic copy shares its slice's split"
+    assert splits["single"] == "train"
+
+
+def test_grounding_answers_point_to_existing_masks(corpus: dict) -> None:
+    for split in SPLITS:
+        samples = corpus[split]["grounding"]
+        assert samples
+        for s in samples:
+            answer = s["conversations"][1]["value"]
+            assert answer.startswith("<SEG>")
+            (path,) = MASK_RE.findall(answer)
+            assert (ASSETS / path).is_file()
+
+
+def test_region_questions_reference_existing_masks_and_include_negatives(corpus: dict) -> None:
+    answers = []
+    for s in (s for split in SPLITS for s in corpus[split]["region"]):
+        question = s["conversations"][0]["value"]
+        assert question.startswith("<image>\n")
+        (path,) = REGION_RE.findall(question)
+        assert (ASSETS / path).is_file(), path
+        answers.append(s["conversations"][1]["value"])
+    assert any(a == "no" for a in answers) and any(a.startswith("The region shows background") for a in answers)
+
+
+def test_complex_vqa_has_open_and_closed_yes_no(corpus: dict) -> None:
+    samples = [s for split in SPLITS for s in corpus[split]["complex"]]
+    closed = {s["conversations"][1]["value"] for s in samples if s["answer_type"] == "closed"}
+    assert closed == {"yes", "no"}
+    assert len({s["conversations"][0]["value"] for s in samples}) >= 10, "several phrasings expected"
+
+
+def test_corpus_is_deterministic_and_written_in_mecovqa_files(tmp_path: Path, corpus: dict) -> None:
+    for run in ("a", "b"):
+        corpus_mod.write_corpus(corpus_mod.build_corpus(ASSETS), tmp_path / run)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert "MeCoVQA_Grounding_test.json" in names and "train.json" in names
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert json.loads((tmp_path / "a" / "test.json").read_text()) == [
+        s for task in corpus_mod.TASK_FILES for s in corpus["test"][task]]
+
+
+def test_ci_subset_is_a_fixed_slice_of_the_test_split(corpus: dict) -> None:
+    committed = json.loads((ASSETS / "ci_subset.json").read_text())
+    assert committed == corpus_mod.ci_subset(corpus)
+    assert {s["task"] for s in committed} == set(corpus_mod.TASK_FILES)
