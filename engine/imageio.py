@@ -66,7 +66,7 @@ class ImageReadError(ValueError):
     """The file is not an image we can read, is corrupt, or is too large. The message says which."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: arrays do not compare with ==
 class LoadedImage:
     """An image read from disk (see the module docstring for the layout of `volume`).
 
@@ -75,6 +75,7 @@ class LoadedImage:
     voxel_mm: (x, y, z) voxel size in mm for NIfTI (RAS+ order), else None.
     n_frames: number of frames (DICOM, photo) or axial slices (NIfTI).
     window: the window stored in the DICOM header, or None.
+    affine: the (4, 4) voxel-to-world affine of the RAS+ volume (NIfTI only), for writing masks back.
     """
 
     volume: np.ndarray
@@ -85,6 +86,7 @@ class LoadedImage:
     name: str = ""
     voxel_mm: tuple[float, float, float] | None = None
     window: WindowPreset | None = None
+    affine: np.ndarray | None = None  # NIfTI only: the (4, 4) RAS+ affine of `volume`
 
     @property
     def is_color(self) -> bool:
@@ -284,6 +286,7 @@ def _read_nifti(path: Path) -> LoadedImage:
         n_frames=data.shape[2],
         name=path.name,
         voxel_mm=zooms,  # type: ignore[arg-type]
+        affine=np.asarray(canonical.affine, dtype=np.float64),
     )
 
 

@@ -1,0 +1,88 @@
+"""The portal's Blocks app, built by a factory (no globals, nothing happens at import).
+
+`build_app(ctx)` composes the Ask tab and, when their modules exist, the teaching tabs (case library, quiz,
+instructor), each exposing `build_<name>_tab(ctx)`. `launch_kwargs(settings)` gives the serving limits that
+`demo.launch` needs (app.py and the tests use the same ones).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from portal import texts
+from portal.ask_tab import build_ask_tab
+from portal.context import PortalContext, PortalSettings
+
+logger = logging.getLogger(__name__)
+
+CSS_PATH = Path(__file__).resolve().parents[1] / "static" / "portal.css"
+# (module, builder function, tab title): optional tabs written by other engineers.
+TEACHING_TABS = (
+    ("portal.library_tab", "build_library_tab", "Case library"),
+    ("portal.quiz_tab", "build_quiz_tab", "Quiz"),
+    ("portal.instructor_tab", "build_instructor_tab", "Instructor"),
+)
+
+
+def banner_markdown(info: Any) -> str:
+    """Model name, device and dtype; the demo-model notice when it applies; always the clinical notice."""
+    lines = [
+        texts.MODEL_LINE.format(
+            name=info.name,
+            device=info.device,
+            dtype=info.dtype,
+            n_parameters=info.n_parameters,
+            n_experts=info.n_experts,
+        )
+    ]
+    if info.is_demo_model:
+        lines.append(f"<span id='portal-demo-notice'>{texts.DEMO_MODEL_NOTICE}</span>")
+    lines.append(texts.NOT_FOR_CLINICAL_USE)
+    return "\n\n".join(lines)
+
+
+def optional_tab_builder(module_name: str, function_name: str) -> Callable[[PortalContext], None] | None:
+    """The tab builder if its module exists; None when the module itself is missing (not its imports)."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        return None
+    return getattr(module, function_name)
+
+
+def build_app(ctx: PortalContext) -> gr.Blocks:
+    """The whole portal as a queued gr.Blocks; launch it with `demo.launch(**launch_kwargs(ctx.settings))`."""
+    settings = ctx.settings
+    with gr.Blocks(title=texts.TITLE, analytics_enabled=False, delete_cache=settings.delete_cache) as demo:
+        gr.Markdown(f"# {texts.TITLE}")
+        gr.Markdown(banner_markdown(ctx.engine.info), elem_id="portal-banner")
+        with gr.Tabs():
+            with gr.Tab(texts.ASK_TAB, id="ask"):
+                build_ask_tab(ctx)
+            for module_name, function_name, title in TEACHING_TABS:
+                builder = optional_tab_builder(module_name, function_name)
+                if builder is None:
+                    logger.info("tab %r not built: %s is not installed", title, module_name)
+                    continue
+                with gr.Tab(title):
+                    builder(ctx)
+    demo.queue(max_size=settings.queue_max_size, default_concurrency_limit=settings.model_concurrency_limit)
+    return demo
+
+
+def launch_kwargs(settings: PortalSettings) -> dict[str, Any]:
+    """Serving limits for demo.launch: upload size cap, blocked paths, the portal's CSS."""
+    return {
+        "max_file_size": settings.max_file_size,
+        "blocked_paths": list(settings.blocked_paths) or None,
+        "css_paths": [CSS_PATH],
+        "show_error": False,  # gr.Error messages are shown anyway; other exceptions stay server-side
+    }

@@ -1,0 +1,408 @@
+"""The Ask tab: upload an image, mark a region, ask MedPLIB, see the streamed answer and the mask.
+
+Layout and wiring live in `build_ask_tab`; `AskHandlers` holds one short method per event (each turns user
+mistakes into `gr.Error`); the steps themselves are in portal/ask_session.py (no gradio there).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from engine import imageio
+from engine.results import Answer, GenerationSettings
+from portal import ask_session as steps
+from portal import exports, texts
+from portal.ask_session import AskSession, UserInputError
+from portal.context import PortalContext
+from portal.regions import RegionMarks
+from portal.routing_plot import routing_figure
+
+logger = logging.getLogger(__name__)
+
+MAX_EXAMPLES = 8
+WINDOW_CHOICES = [imageio.AUTO, *imageio.WINDOW_PRESETS]
+
+
+class AskHandlers:
+    """Event handlers of the Ask tab for one portal (engine and settings from the context)."""
+
+    def __init__(self, ctx: PortalContext) -> None:
+        self.ctx = ctx
+
+    # ---- image and view ---------------------------------------------------------------------------
+    def load(self, path: str | None, show_input: bool) -> tuple:
+        """A new upload (or example): read it and reset everything that belonged to the old image."""
+        if not path:
+            return self._view(AskSession(), show_input)
+        try:
+            session = steps.load(path)
+        except imageio.ImageReadError as err:
+            raise gr.Error(str(err)) from err
+        return self._view(session, show_input)
+
+    def change_view(
+        self, session: AskSession, position: int, plane: str, window: str, show_input: bool
+    ) -> tuple:
+        """Frame / slice slider (1-based), plane or window changed: a new image for the model."""
+        if session.image is None:
+            raise gr.Error(texts.ERR_NO_IMAGE)
+        index = int(position) - 1
+        if plane != session.plane:  # a new plane starts in its middle
+            index = imageio.n_slices(session.image, plane) // 2
+        return self._view(steps.with_view(session, index=index, plane=plane, preset=window), show_input)
+
+    def _view(self, session: AskSession, show_input: bool) -> tuple:
+        count = imageio.n_slices(session.image, session.plane) if session.image else 1
+        is_nifti = session.image is not None and session.image.kind == "nifti"
+        greyscale = session.image is not None and not session.image.is_color
+        return (
+            session,
+            steps.describe(session) if session.has_image else "",
+            gr.update(minimum=1, maximum=max(count, 2), value=session.index + 1, visible=count > 1),
+            gr.update(value=session.plane, visible=is_nifti),
+            gr.update(value=steps.window_choice(session), visible=greyscale),
+            steps.preview(session),
+            session.rgb,
+            gr.update(value=steps.model_input(session) if show_input else None, visible=bool(show_input)),
+            [],
+            None,
+            "",
+            None,
+            None,
+            "",
+        )
+
+    def show_model_input(self, session: AskSession, show: bool) -> Any:
+        return gr.update(value=steps.model_input(session) if show else None, visible=bool(show))
+
+    # ---- region marks -----------------------------------------------------------------------------
+    def click(self, session: AskSession, tool: str, evt: gr.SelectData) -> tuple:
+        """A click on the image: evt.index is [x, y] in image pixels."""
+        if tool not in ("Point", "Box"):
+            return session, gr.skip(), f"Choose the Point or Box tool to mark a region (now: {tool})."
+        x, y = (int(v) for v in evt.index[:2])
+        try:
+            session = steps.click(session, tool, x, y)
+        except UserInputError as err:
+            raise gr.Error(str(err)) from err
+        return session, steps.preview(session), self._mark_note(session)
+
+    def undo(self, session: AskSession) -> tuple:
+        session = replace(session, marks=session.marks.undo())
+        return session, steps.preview(session), self._mark_note(session)
+
+    def clear(self, session: AskSession) -> tuple:
+        session = replace(session, marks=RegionMarks())
+        return session, steps.preview(session), session.rgb, self._mark_note(session)
+
+    @staticmethod
+    def _mark_note(session: AskSession) -> str:
+        if session.marks.pending is not None:
+            return texts.NOTE_FIRST_CORNER.format(x=session.marks.pending[0], y=session.marks.pending[1])
+        mark = session.marks.active
+        if mark is None:
+            return "No region marked."
+        return f"Active region: {mark.kind} at {list(mark.xyxy) if mark.kind == 'box' else list(mark.point)}"
+
+    @staticmethod
+    def choose_tool(tool: str) -> tuple:
+        sketch = tool == "Sketch"
+        return gr.update(visible=not sketch), gr.update(visible=sketch)
+
+    # ---- questions ----------------------------------------------------------------------------------
+    def ask(
+        self,
+        session: AskSession,
+        question: str,
+        tool: str,
+        sketch: dict | None,
+        opacity: float,
+        style: str,
+        color: str,
+    ) -> Iterator[tuple]:
+        """Stream an answer: yields (session, chat, question box, overlay, area, downloads, routing plot)."""
+        yield from self._answer(session, question, tool, sketch, (opacity, style, color), force=None)
+
+    def segment(
+        self,
+        session: AskSession,
+        question: str,
+        tool: str,
+        sketch: dict | None,
+        opacity: float,
+        style: str,
+        color: str,
+    ) -> Iterator[tuple]:
+        """Like ask, but the answer is forced to `<SEG>`, so a mask is always decoded."""
+        yield from self._answer(
+            session, question, tool, sketch, (opacity, style, color), texts.SEG_FORCE_ANSWER
+        )
+
+    def _answer(
+        self,
+        session: AskSession,
+        question: str,
+        tool: str,
+        sketch: dict | None,
+        look: tuple[float, str, str],
+        force: str | None,
+    ) -> Iterator[tuple]:
+        try:
+            region, region_desc = steps.region_for(session, tool, sketch)
+            text = steps.prepare_question(question, region is not None, self.ctx.settings.max_question_chars)
+            session = steps.with_handle(session, self.ctx.engine)
+            settings = GenerationSettings(max_new_tokens=self.ctx.settings.max_new_tokens, force_answer=force)
+            stream = self.ctx.engine.stream(
+                session.handle, text, region=region, history=session.history, settings=settings
+            )
+        except (UserInputError, ValueError) as err:
+            raise gr.Error(str(err)) from err
+        except Exception as err:  # the UI boundary: report a model failure, keep serving
+            logger.exception("encoding the image or starting the answer failed")
+            raise gr.Error(texts.ERR_MODEL.format(kind=type(err).__name__)) from err
+        partial = ""
+        chat = render_chat(session.history) + [_user_message(text), {"role": "assistant", "content": ""}]
+        skip = gr.skip()
+        yield session, chat, "", skip, skip, skip, skip
+        for piece in self._pieces(stream):
+            partial += piece
+            chat[-1] = {"role": "assistant", "content": partial}
+            yield session, chat, skip, skip, skip, skip, skip
+        session = steps.after_answer(session, text, stream.result, region_desc, settings)
+        yield (session, render_chat(session.history, session.answer), skip, *self._outputs(session, look))
+
+    @staticmethod
+    def _pieces(stream: Any) -> Iterator[str]:
+        try:
+            yield from stream
+        except Exception as err:  # the UI boundary: the server must keep serving after a model failure
+            logger.exception("generation failed")
+            raise gr.Error(texts.ERR_MODEL.format(kind=type(err).__name__)) from err
+
+    def _outputs(self, session: AskSession, look: tuple[float, str, str]) -> tuple:
+        """(overlay image, area text, download files, routing figure) for the last answer."""
+        answer = session.answer
+        assert answer is not None and session.image is not None
+        record = steps.record(session, self.ctx.engine.info, exports.utc_now())
+        files = exports.write_downloads(record, answer.mask, session.image, session.plane, session.index)
+        return (steps.mask_overlay(session, *look), steps.mask_summary(session), files, self._routing(answer))
+
+    def _routing(self, answer: Answer) -> Any:
+        if not answer.experts or not answer.experts[0]:
+            return None
+        n_tokens = len(answer.experts[0])
+        ids = list(answer.token_ids)[:n_tokens]
+        labels = [self.ctx.engine.tokenizer.decode([i]) for i in ids] + ["?"] * (n_tokens - len(ids))
+        return routing_figure(answer.experts, labels, self.ctx.engine.info.n_experts)
+
+    def new_chat(self, session: AskSession) -> tuple:
+        return steps.new_conversation(session), [], None, "", None, None
+
+    def restyle(self, session: AskSession, opacity: float, style: str, color: str) -> Any:
+        return steps.mask_overlay(session, opacity, style, color)
+
+
+# --------------------------------------------------------------------------------------------- chat
+
+
+def _shown(text: str) -> str:
+    """Make region tags visible in the chat (the chatbot would treat them as HTML)."""
+    return text.replace(texts.REGION_TOKEN, "`<region>`")
+
+
+def _user_message(question: str) -> dict[str, str]:
+    return {"role": "user", "content": _shown(question)}
+
+
+def render_chat(history: tuple[tuple[str, str], ...], last: Answer | None = None) -> list[dict[str, str]]:
+    """Chatbot messages for the conversation; the last answer notes whether a mask came with it."""
+    messages: list[dict[str, str]] = []
+    for i, (question, answer) in enumerate(history):
+        content = _shown(answer) if answer.strip() else "*(no text)*"
+        if last is not None and i == len(history) - 1:
+            content += (
+                f"\n\n*(mask: {last.mask_area:,} px)*" if last.has_mask else "\n\n*(no `<SEG>`, no mask)*"
+            )
+        messages += [_user_message(question), {"role": "assistant", "content": content}]
+    return messages
+
+
+# ------------------------------------------------------------------------------------------ examples
+
+
+def example_rows(examples_dir: Path | None, limit: int = MAX_EXAMPLES) -> tuple[list[list[str]], list[str]]:
+    """One bundled image per source (assets/medimages/index.json): ([[path], ...], [label, ...])."""
+    if examples_dir is None or not (examples_dir / "index.json").is_file():
+        return [], []
+    seen: set[str] = set()
+    rows, labels = [], []
+    for entry in json.loads((examples_dir / "index.json").read_text()):
+        group, path = entry.get("source_group", entry["id"]), examples_dir / entry["image"]
+        if group in seen or entry.get("synthetic") or not path.is_file():
+            continue
+        seen.add(group)
+        rows.append([str(path)])
+        labels.append(" · ".join(str(v) for v in (entry.get("modality"), entry.get("organ")) if v))
+        if len(rows) == limit:
+            break
+    return rows, labels
+
+
+# ------------------------------------------------------------------------------------------- layout
+
+
+def build_ask_tab(ctx: PortalContext) -> None:
+    """Lay out the Ask tab inside the current `gr.Tab` and wire its events."""
+    h = AskHandlers(ctx)
+    session = gr.State(AskSession())
+    with gr.Row():
+        with gr.Column(scale=1):
+            view = _image_controls(ctx)
+        with gr.Column(scale=2):
+            region = _region_controls()
+    talk = _talk_row()
+    view_outputs = [
+        session,
+        view["info"],
+        view["position"],
+        view["plane"],
+        view["window"],
+        region["preview"],
+        region["editor"],
+        view["model_input"],
+        talk["chat"],
+        talk["overlay"],
+        talk["area"],
+        talk["downloads"],
+        talk["plot"],
+        region["note"],
+    ]
+    view["upload"].change(h.load, [view["upload"], view["show_input"]], view_outputs, api_name="load_image")
+    view_inputs = [session, view["position"], view["plane"], view["window"], view["show_input"]]
+    view["position"].release(h.change_view, view_inputs, view_outputs, api_visibility="private")
+    for control in (view["plane"], view["window"]):
+        control.input(h.change_view, view_inputs, view_outputs, api_visibility="private")
+    view["show_input"].change(
+        h.show_model_input, [session, view["show_input"]], view["model_input"], api_visibility="private"
+    )
+    _wire_regions(h, session, region)
+    _wire_talk(ctx, h, session, region, talk)
+
+
+def _image_controls(ctx: PortalContext) -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    c["upload"] = gr.File(
+        label=texts.UPLOAD_LABEL, file_types=texts.UPLOAD_FILE_TYPES, type="filepath", elem_id="ask-upload"
+    )
+    rows, labels = example_rows(ctx.settings.examples_dir)
+    if rows:
+        gr.Examples(rows, inputs=[c["upload"]], example_labels=labels, label=texts.EXAMPLES_LABEL)
+    c["info"] = gr.Markdown(elem_id="ask-info")
+    c["position"] = gr.Slider(1, 2, value=1, step=1, label=texts.FRAME_LABEL, visible=False)
+    c["plane"] = gr.Radio(list(imageio.PLANES), value="axial", label=texts.PLANE_LABEL, visible=False)
+    c["window"] = gr.Dropdown(WINDOW_CHOICES, value=imageio.AUTO, label=texts.WINDOW_LABEL, visible=False)
+    c["show_input"] = gr.Checkbox(False, label=texts.SHOW_MODEL_INPUT)
+    c["model_input"] = gr.Image(label=texts.MODEL_INPUT_LABEL, format="png", interactive=False, visible=False)
+    return c
+
+
+def _region_controls() -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    c["tool"] = gr.Radio(list(texts.TOOLS), value="None", label=texts.TOOL_LABEL, elem_id="ask-tool")
+    gr.Markdown(texts.ONE_REGION_NOTE)
+    c["preview"] = gr.Image(
+        label=texts.PREVIEW_LABEL, type="numpy", format="png", interactive=False, elem_id="ask-preview"
+    )
+    c["editor"] = gr.ImageEditor(
+        label=texts.SKETCH_LABEL,
+        type="numpy",
+        format="png",
+        visible=False,
+        sources=(),
+        transforms=(),
+        elem_id="ask-sketch",
+        brush=gr.Brush(colors=["#E69F00"], color_mode="fixed", default_size=8),
+        layers=gr.LayerOptions(allow_additional_layers=False, layers=["region"]),
+    )
+    with gr.Row():
+        c["undo"] = gr.Button(texts.UNDO_BUTTON, size="sm")
+        c["clear"] = gr.Button(texts.CLEAR_BUTTON, size="sm")
+    c["note"] = gr.Markdown("No region marked.", elem_id="ask-mark-note")
+    return c
+
+
+def _talk_row() -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    with gr.Row():
+        with gr.Column(scale=1):
+            c["chat"] = gr.Chatbot(label=texts.CHAT_LABEL, height=360, elem_id="ask-chat")
+            c["question"] = gr.Textbox(
+                label=texts.QUESTION_LABEL,
+                placeholder=texts.QUESTION_PLACEHOLDER,
+                lines=2,
+                elem_id="ask-question",
+            )
+            with gr.Row():
+                c["chips"] = [
+                    gr.Button(chip.format(organ=texts.CHIP_ORGAN), size="sm", variant="secondary")
+                    for chip in texts.TASK_CHIPS
+                ]
+            with gr.Row():
+                c["ask"] = gr.Button(texts.ASK_BUTTON, variant="primary", elem_id="ask-button")
+                c["segment"] = gr.Button(texts.SEGMENT_BUTTON, elem_id="segment-button")
+                c["new_chat"] = gr.Button(texts.NEW_CHAT_BUTTON)
+            gr.Markdown(texts.SEGMENT_HELP)
+        with gr.Column(scale=1):
+            c["overlay"] = gr.Image(
+                label=texts.OVERLAY_LABEL, format="png", interactive=False, elem_id="ask-overlay"
+            )
+            with gr.Row():
+                c["opacity"] = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label=texts.OPACITY_LABEL)
+                c["style"] = gr.Radio(
+                    list(texts.MASK_STYLES), value="fill + outline", label=texts.STYLE_LABEL
+                )
+                c["color"] = gr.Dropdown(list(texts.MASK_COLORS), value="orange", label=texts.COLOR_LABEL)
+            c["area"] = gr.Markdown(elem_id="ask-area")
+            c["downloads"] = gr.File(label=texts.DOWNLOADS_LABEL, file_count="multiple", interactive=False)
+            with gr.Accordion(texts.ROUTING_TITLE, open=False):
+                gr.Markdown(texts.ROUTING_EXPLANATION)
+                c["plot"] = gr.Plot()
+    return c
+
+
+def _wire_regions(h: AskHandlers, session: gr.State, c: dict[str, Any]) -> None:
+    private = {"api_visibility": "private"}
+    c["preview"].select(h.click, [session, c["tool"]], [session, c["preview"], c["note"]], **private)
+    c["undo"].click(h.undo, session, [session, c["preview"], c["note"]], **private)
+    c["clear"].click(h.clear, session, [session, c["preview"], c["editor"], c["note"]], **private)
+    c["tool"].change(h.choose_tool, c["tool"], [c["preview"], c["editor"]], **private)
+
+
+def _wire_talk(
+    ctx: PortalContext, h: AskHandlers, session: gr.State, r: dict[str, Any], t: dict[str, Any]
+) -> None:
+    inputs = [session, t["question"], r["tool"], r["editor"], t["opacity"], t["style"], t["color"]]
+    outputs = [session, t["chat"], t["question"], t["overlay"], t["area"], t["downloads"], t["plot"]]
+    t["ask"].click(h.ask, inputs, outputs, api_name="ask", **ctx.model_queue())
+    t["question"].submit(h.ask, inputs, outputs, api_visibility="private", **ctx.model_queue())
+    t["segment"].click(h.segment, inputs, outputs, api_name="segment", **ctx.model_queue())
+    t["new_chat"].click(
+        h.new_chat,
+        session,
+        [session, t["chat"], t["overlay"], t["area"], t["downloads"], t["plot"]],
+        api_visibility="private",
+    )
+    look = [session, t["opacity"], t["style"], t["color"]]
+    t["opacity"].release(h.restyle, look, t["overlay"], api_visibility="private")
+    for control in (t["style"], t["color"]):
+        control.input(h.restyle, look, t["overlay"], api_visibility="private")
+    for button, chip in zip(t["chips"], texts.TASK_CHIPS, strict=True):
+        text = chip.format(organ=texts.CHIP_ORGAN)
+        button.click(lambda text=text: text, None, t["question"], api_visibility="private", queue=False)

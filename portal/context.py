@@ -1,0 +1,45 @@
+"""What every tab of the portal receives: the engine, the case store and the serving settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from portal import texts
+
+
+@dataclass(frozen=True)
+class PortalSettings:
+    """Limits and queue sizes. Defaults come from portal/texts.py; app.py may override them."""
+
+    max_file_size: str = texts.MAX_FILE_SIZE
+    queue_max_size: int = texts.QUEUE_MAX_SIZE
+    model_concurrency_limit: int = texts.MODEL_CONCURRENCY_LIMIT
+    delete_cache: tuple[int, int] = texts.DELETE_CACHE
+    max_question_chars: int = texts.MAX_QUESTION_CHARS
+    max_new_tokens: int = texts.MAX_NEW_TOKENS
+    examples_dir: Path | None = None  # assets/medimages (with index.json), or None for no examples
+    blocked_paths: tuple[str, ...] = ()  # e.g. the SQLite database folder
+
+    def __post_init__(self) -> None:
+        if self.queue_max_size < 1 or self.model_concurrency_limit < 1:
+            raise ValueError("queue_max_size and model_concurrency_limit must be at least 1")
+        if self.max_new_tokens < 1 or self.max_question_chars < 1:
+            raise ValueError("max_new_tokens and max_question_chars must be at least 1")
+
+
+@dataclass(frozen=True)
+class PortalContext:
+    """engine: a loaded `engine` object (load_engine); store: a cases.CaseStore, or None without a database."""
+
+    engine: Any
+    store: Any | None = None
+    settings: PortalSettings = field(default_factory=PortalSettings)
+
+    def model_queue(self) -> dict[str, Any]:
+        """Event kwargs for every handler that runs the model: one shared queue, bounded concurrency."""
+        return {
+            "concurrency_id": texts.MODEL_CONCURRENCY_ID,
+            "concurrency_limit": self.settings.model_concurrency_limit,
+        }

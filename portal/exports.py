@@ -1,0 +1,81 @@
+"""Downloads for one answer: the mask as PNG and NIfTI, and a JSON record of prompt, answer and model.
+
+Uploaded file names are never written (they may name a patient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+
+from engine.imageio import LoadedImage, frame_spacing
+
+
+def mask_png(mask: np.ndarray, folder: Path) -> Path:
+    """(H, W) bool mask -> 8-bit PNG, 255 inside, 0 outside."""
+    path = folder / "mask.png"
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+    return path
+
+
+def mask_nifti(mask: np.ndarray, image: LoadedImage, plane: str, index: int, folder: Path) -> Path:
+    """Mask as NIfTI (uint8 0/1).
+
+    For a NIfTI source the mask is put back into the source's RAS+ voxel grid at the asked slice (a 3-D
+    label volume with the source's canonical affine). Otherwise it is a (W, H, 1) grid with the pixel
+    spacing on the affine's diagonal (no patient orientation).
+    """
+    path = folder / "mask.nii.gz"
+    if image.kind == "nifti" and image.affine is not None:
+        volume = np.zeros(image.volume.shape, np.uint8)
+        voxels = mask.T[::-1, ::-1].astype(np.uint8)  # undo slice_nifti's display flip/transpose
+        if plane == "axial":
+            volume[:, :, index] = voxels
+        elif plane == "coronal":
+            volume[:, index, :] = voxels
+        else:
+            volume[index, :, :] = voxels
+        nib.save(nib.Nifti1Image(volume, image.affine), path)
+        return path
+    row, col = frame_spacing(image, plane) or (1.0, 1.0)
+    nib.save(nib.Nifti1Image(mask.T[:, :, None].astype(np.uint8), np.diag([col, row, 1.0, 1.0])), path)
+    return path
+
+
+def record_json(record: dict[str, Any], folder: Path) -> Path:
+    path = folder / "record.json"
+    path.write_text(json.dumps(record, indent=2, default=_jsonable))
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def write_downloads(
+    record: dict[str, Any], mask: np.ndarray | None, image: LoadedImage, plane: str, index: int
+) -> list[str]:
+    """Write record.json (+ mask.png and mask.nii.gz when there is a mask) to a fresh temp folder."""
+    folder = Path(tempfile.mkdtemp(prefix="medplib-answer-"))
+    paths = [record_json(record, folder)]
+    if mask is not None:
+        paths = [mask_png(mask, folder), mask_nifti(mask, image, plane, index, folder), *paths]
+    return [str(p) for p in paths]
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,96 @@
+"""User-facing text and limits of the portal, in one place (STYLE principle 11)."""
+
+from __future__ import annotations
+
+# ----------------------------------------------------------------------------------------------- limits
+MAX_FILE_SIZE = "100mb"  # gradio launch(max_file_size=...): uploads above this get HTTP 413
+QUEUE_MAX_SIZE = 20  # users waiting for the model beyond this get "queue is full"
+MODEL_CONCURRENCY_ID = "model"  # every event that runs the model shares this queue
+MODEL_CONCURRENCY_LIMIT = 1  # one generation at a time on one device
+DELETE_CACHE = (3600, 3600)  # gradio cache sweep: every hour, files older than an hour
+MAX_QUESTION_CHARS = 2000
+MAX_NEW_TOKENS = 256  # answers in the portal; the engine's own cap is higher
+UPLOAD_FILE_TYPES = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".gz"]
+REGION_TOKEN = "<region>"
+SEG_FORCE_ANSWER = "<SEG>"
+
+# ----------------------------------------------------------------------------------------------- banner
+TITLE = "MedPLIB Portal"
+NOT_FOR_CLINICAL_USE = (
+    "**Research and teaching only — not for clinical use.** Answers and masks may be wrong; never use them "
+    "for diagnosis or treatment. Do not upload images that identify a patient."
+)
+DEMO_MODEL_NOTICE = "Demonstration model — not MedPLIB's weights. Its answers show how the system works, not what MedPLIB would say."
+MODEL_LINE = "Model **{name}** on **{device}** ({dtype}, {n_parameters:,} parameters, {n_experts} experts per MoE layer)"
+
+# ------------------------------------------------------------------------------------------------ ask tab
+ASK_TAB = "Ask"
+UPLOAD_LABEL = "Image: PNG, JPEG, TIFF, BMP, DICOM (.dcm) or NIfTI (.nii, .nii.gz)"
+PREVIEW_LABEL = "Image (click to mark a point or a box)"
+SKETCH_LABEL = "Sketch a region with the brush"
+MODEL_INPUT_LABEL = "What the model sees (336×336 CLIP input, padded)"
+SHOW_MODEL_INPUT = "Show the exact model input"
+FRAME_LABEL = "Frame"
+PLANE_LABEL = "Plane"
+SLICE_LABEL = "Slice"
+WINDOW_LABEL = "Display window (CT presets: width / level in HU)"
+TOOL_LABEL = "Region tool"
+TOOLS = ("None", "Point", "Box", "Sketch")
+ONE_REGION_NOTE = (
+    "MedPLIB takes **one region per question**: a new mark replaces the previous one (Undo brings it back). "
+    "A box needs two clicks (opposite corners). The model works on one 2-D slice at a time."
+)
+QUESTION_LABEL = "Question"
+QUESTION_PLACEHOLDER = "Ask about the image, e.g. 'Describe the image' or 'Please segment the liver.'"
+TASK_CHIPS = (
+    "Describe the image.",
+    "Please segment the {organ} in this image.",
+    "What is in the marked region? <region>",
+)
+CHIP_ORGAN = "lesion"
+ASK_BUTTON = "Ask"
+SEGMENT_BUTTON = "Segment"
+SEGMENT_HELP = "**Segment** makes the model answer with `<SEG>`, so a mask is always decoded."
+UNDO_BUTTON = "Undo mark"
+CLEAR_BUTTON = "Clear marks"
+NEW_CHAT_BUTTON = "New conversation"
+CHAT_LABEL = "Conversation (the image is encoded once and reused for follow-up questions)"
+OVERLAY_LABEL = "Mask overlay"
+OPACITY_LABEL = "Opacity"
+STYLE_LABEL = "Mask style"
+MASK_STYLES = ("fill", "outline", "fill + outline")
+COLOR_LABEL = "Mask colour"
+MASK_COLORS = {  # Okabe-Ito colour-blind-safe palette
+    "orange": (230, 159, 0),
+    "sky blue": (86, 180, 233),
+    "bluish green": (0, 158, 115),
+    "yellow": (240, 228, 66),
+    "vermillion": (213, 94, 0),
+    "reddish purple": (204, 121, 167),
+}
+MARK_COLOR = (0, 114, 178)  # Okabe-Ito blue for point / box markers
+DOWNLOADS_LABEL = "Downloads: mask PNG, mask NIfTI, JSON record"
+NO_MASK_NOTICE = "No `<SEG>` token in the answer → no mask. Press **Segment** to ask for one."
+MASK_AREA = "Mask area: **{pixels:,} pixels**"
+MASK_AREA_MM = "Mask area: **{pixels:,} pixels ≈ {mm2:,.1f} mm²** (pixel spacing {row:.3g} × {col:.3g} mm)"
+EMPTY_MASK_NOTICE = "The model produced `<SEG>` but the mask is empty (no pixel above the threshold)."
+ROUTING_TITLE = "Mixture-of-experts routing"
+ROUTING_EXPLANATION = (
+    "Each MoE layer sends every generated token to one of its experts (top-1 routing).\n"
+    "Rows are layers, columns are answer tokens; the colour is the expert that handled the token."
+)
+EXAMPLES_LABEL = "Examples (bundled, de-identified public images)"
+
+# ---------------------------------------------------------------------------------------------- errors
+ERR_NO_IMAGE = "Upload an image first (or pick an example)."
+ERR_EMPTY_QUESTION = "Type a question first, or click one of the task chips."
+ERR_LONG_QUESTION = "The question is too long ({n} characters); keep it under {limit}."
+ERR_OUTSIDE = "The click at ({x}, {y}) is outside the {w}×{h} image. Click on the image itself."
+ERR_EMPTY_SKETCH = "The sketch is empty. Draw over the region with the brush, or choose another region tool."
+ERR_NO_MARK = (
+    "The {tool} tool is selected but nothing is marked. Click on the image, or set the tool to None."
+)
+ERR_HALF_BOX = "The box has only one corner. Click the opposite corner, or press Undo."
+ERR_SKETCH_SIZE = "The sketch does not match the image size; clear it and draw again."
+ERR_MODEL = "The model failed on this request ({kind}). Try again; if it keeps failing, try a smaller image."
+NOTE_FIRST_CORNER = "First corner set at ({x}, {y}); click the opposite corner."
