@@ -107,7 +107,9 @@ class MedPLIBConfig:
         if self.projector_type != "mlp2x_gelu":
             raise ValueError(f"projector {self.projector_type!r} is not supported (MedPLIB uses mlp2x_gelu)")
         if self.clip["hidden_size"] != self.mm_hidden_size:
-            raise ValueError(f"CLIP hidden size {self.clip['hidden_size']} != mm_hidden_size {self.mm_hidden_size}")
+            raise ValueError(
+                f"CLIP hidden size {self.clip['hidden_size']} != mm_hidden_size {self.mm_hidden_size}: put the CLIP "
+                "config folder that `mm_vision_tower` names inside or beside the checkpoint folder")
         if self.out_dim != self.sam.prompt_embed_dim:
             raise ValueError(f"out_dim {self.out_dim} != SAM prompt_embed_dim {self.sam.prompt_embed_dim}")
         if self.postprocess not in POSTPROCESS_MODES:
