@@ -47,7 +47,8 @@ def add_ask_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--box", default=None, metavar="X1,Y1,X2,Y2", help="box prompt in pixels")
     p.add_argument("--sketch", default=None, metavar="MASK.png", help="free-form region: nonzero pixels")
     p.add_argument("--force-answer", default=None, help='teacher-force this answer, e.g. "<SEG>"')
-    p.add_argument("--template", default="llava_v1", choices=("vicuna_v1", "llava_v1"))
+    p.add_argument("--template", default="vicuna_v1", choices=("vicuna_v1", "llava_v1"),
+                   help="vicuna_v1: the evaluation template (default, as the paper's scripts); llava_v1: training/demo")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)

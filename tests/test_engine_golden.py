@@ -117,7 +117,7 @@ def test_cli_forced_seg_json_gives_fixture_ids_and_mask(golden_dir: Path, tmp_pa
     out_png = tmp_path / "mask.png"
     cmd = [sys.executable, "-m", "engine", "ask", "--model", str(golden_dir / "tiny-medplib-ref"),
            "--image", str(golden_dir / "inputs" / "a_grounding_300x200.png"), "--question", GROUNDING_Q,
-           "--template", "vicuna_v1", "--force-answer", "<SEG>", "--json", "--save-mask", str(out_png)]
+           "--force-answer", "<SEG>", "--json", "--save-mask", str(out_png)]  # default template: vicuna_v1
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["token_ids"] == [1000, 2]
@@ -127,3 +127,14 @@ def test_cli_forced_seg_json_gives_fixture_ids_and_mask(golden_dir: Path, tmp_pa
     assert result["mask_area"] == int(mask.sum()) > 0
     assert result["mask_png"] == str(out_png)
     assert len(result["experts"]) == 2 and all(len(e) == 2 for e in result["experts"])
+
+
+def test_bf16_run_gives_the_reference_bf16_ids(golden_dir: Path) -> None:
+    """Informative in the README (loose tolerance); the generated ids must still agree."""
+    eng = load_engine(golden_dir / "tiny-medplib-ref", device="cpu", dtype="bfloat16")
+    image = eng.set_image(_rgb(golden_dir / "inputs" / "a_grounding_300x200.png"))
+    answer = eng.ask(image, GROUNDING_Q, settings=GenerationSettings(template="vicuna_v1", max_new_tokens=8))
+    expected = json.loads((golden_dir / "a_grounding_bf16.json").read_text())["eval_generated_ids"]
+    assert list(answer.token_ids) == expected
+    ref = np.load(golden_dir / "a_grounding_bf16.npz")["eval_pred_mask_binary"][0].astype(bool)
+    assert (answer.mask == ref).mean() > 0.95
