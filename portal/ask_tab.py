@@ -167,14 +167,13 @@ class AskHandlers:
         except Exception as err:  # the UI boundary: report a model failure, keep serving
             logger.exception("encoding the image or starting the answer failed")
             raise gr.Error(texts.ERR_MODEL.format(kind=type(err).__name__)) from err
-        partial = ""
-        chat = render_chat(session.history) + [_user_message(text), {"role": "assistant", "content": ""}]
+        asked = [*render_chat(session.history), _user_message(text)]
         skip = gr.skip()
-        yield session, chat, "", skip, skip, skip, skip
+        partial = ""
+        yield session, [*asked, _assistant(partial)], "", skip, skip, skip, skip
         for piece in self._pieces(stream):
             partial += piece
-            chat[-1] = {"role": "assistant", "content": partial}
-            yield session, chat, skip, skip, skip, skip, skip
+            yield session, [*asked, _assistant(partial)], skip, skip, skip, skip, skip
         session = steps.after_answer(session, text, stream.result, region_desc, settings)
         yield (session, render_chat(session.history, session.answer), skip, *self._outputs(session, look))
 
@@ -219,6 +218,10 @@ def _shown(text: str) -> str:
 
 def _user_message(question: str) -> dict[str, str]:
     return {"role": "user", "content": _shown(question)}
+
+
+def _assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": _shown(text)}
 
 
 def render_chat(history: tuple[tuple[str, str], ...], last: Answer | None = None) -> list[dict[str, str]]:
