@@ -301,9 +301,8 @@ def build_ask_tab(ctx: PortalContext) -> None:
 
 def _image_controls(ctx: PortalContext) -> dict[str, Any]:
     c: dict[str, Any] = {}
-    c["upload"] = gr.File(
-        label=texts.UPLOAD_LABEL, file_types=texts.UPLOAD_FILE_TYPES, type="filepath", elem_id="ask-upload"
-    )
+    # no file_types filter: DICOM files often have no extension; read_image checks the content instead
+    c["upload"] = gr.File(label=texts.UPLOAD_LABEL, type="filepath", elem_id="ask-upload")
     rows, labels = example_rows(ctx.settings.examples_dir)
     if rows:
         gr.Examples(rows, inputs=[c["upload"]], example_labels=labels, label=texts.EXAMPLES_LABEL)

@@ -10,7 +10,6 @@ MODEL_CONCURRENCY_LIMIT = 1  # one generation at a time on one device
 DELETE_CACHE = (3600, 3600)  # gradio cache sweep: every hour, files older than an hour
 MAX_QUESTION_CHARS = 2000
 MAX_NEW_TOKENS = 256  # answers in the portal; the engine's own cap is higher
-UPLOAD_FILE_TYPES = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".gz"]
 REGION_TOKEN = "<region>"
 SEG_FORCE_ANSWER = "<SEG>"
 
@@ -25,7 +24,7 @@ MODEL_LINE = "Model **{name}** on **{device}** ({dtype}, {n_parameters:,} parame
 
 # ------------------------------------------------------------------------------------------------ ask tab
 ASK_TAB = "Ask"
-UPLOAD_LABEL = "Image: PNG, JPEG, TIFF, BMP, DICOM (.dcm) or NIfTI (.nii, .nii.gz)"
+UPLOAD_LABEL = "Image: PNG, JPEG, TIFF, BMP, DICOM (any name) or NIfTI (.nii, .nii.gz)"
 PREVIEW_LABEL = "Image (click to mark a point or a box)"
 SKETCH_LABEL = "Sketch a region with the brush"
 MODEL_INPUT_LABEL = "What the model sees (336×336 CLIP input, padded)"
