@@ -293,8 +293,10 @@ class CaseStore:
         with self._writing() as db:
             taken = set(db.scalars(select(Case.slug).where(Case.slug.in_(slugs))))
             if taken:
+                names = sorted(taken)
+                shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
                 raise DuplicateCase(
-                    f"cases {sorted(taken)} already exist; delete them first or change their slug"
+                    f"{len(names)} cases already exist ({shown}); delete them or change their slug"
                 )
             db.add_all(rows)
             db.flush()
