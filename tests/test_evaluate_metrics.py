@@ -1,0 +1,108 @@
+"""MeCoVQA metrics of `engine.evaluate` against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.evaluate import (
+    EvalSample,
+    SampleResult,
+    bleu1,
+    dice_from_iou,
+    mask_iou,
+    normalize_answer,
+    parse_sample,
+    summarize,
+    token_f1,
+    token_recall,
+)
+
+
+def test_iou_and_dice_of_overlapping_squares() -> None:
+    pred = np.zeros((10, 10), dtype=bool)
+    gt = np.zeros((10, 10), dtype=bool)
+    pred[0:4, 0:4] = True  # 16 px
+    gt[2:6, 2:6] = True  # 16 px, overlap 2x2 = 4, union 28
+    assert mask_iou(pred, gt) == pytest.approx(4 / 28)
+    assert dice_from_iou(4 / 28) == pytest.approx(2 * 4 / (16 + 16))  # Dice = 2|A∩B| / (|A|+|B|)
+
+
+def test_missing_mask_and_empty_union_score_zero() -> None:
+    gt = np.zeros((4, 4), dtype=bool)
+    assert mask_iou(None, gt) == 0.0
+    assert mask_iou(np.zeros((4, 4), dtype=bool), gt) == 0.0
+    gt[0, 0] = True
+    assert mask_iou(gt.copy(), gt) == 1.0
+
+
+def test_mask_size_mismatch_is_an_error() -> None:
+    with pytest.raises(ValueError, match="differ in size"):
+        mask_iou(np.zeros((3, 3), dtype=bool), np.zeros((4, 4), dtype=bool))
+
+
+def test_normalisation_drops_case_and_punctuation() -> None:
+    assert normalize_answer("  Yes. ") == "yes"
+    assert normalize_answer("The region shows background; none of the brain, grey matter") == \
+        "the region shows background none of the brain grey matter"
+
+
+def test_recall_f1_bleu1_hand_computed() -> None:
+    ref = "This is a MRI image."  # 5 words
+    pred = "This is an MRI scan image image"  # 7 words; matches: this, is, mri, image (x1 clipped)
+    assert token_recall(pred, ref) == pytest.approx(4 / 5)
+    precision, recall = 4 / 7, 4 / 5
+    assert token_f1(pred, ref) == pytest.approx(2 * precision * recall / (precision + recall))
+    assert bleu1(pred, ref) == pytest.approx(4 / 7)  # longer than the reference: no brevity penalty
+
+
+def test_bleu1_brevity_penalty_and_empty_prediction() -> None:
+    ref = "the image shows the brain"  # 5 words
+    assert bleu1("the brain", ref) == pytest.approx(math.exp(1 - 5 / 2) * 1.0)
+    assert bleu1("", ref) == 0.0
+    assert token_f1("", ref) == 0.0
+    assert token_recall("brain brain", "brain") == 1.0
+
+
+def test_parse_sample_strips_paths_and_tags(tmp_path: Path) -> None:
+    raw = {"id": "g1", "image": "images/a.png", "task": "region", "answer_type": "open", "modality": "MRI",
+           "conversations": [{"from": "human", "value": "<image>\nWhat is in <region>regions/r.png</region>?"},
+                             {"from": "gpt", "value": "The region shows the brain."}]}
+    sample = parse_sample(raw, tmp_path)
+    assert sample.question == "What is in <region>?"
+    assert sample.region == tmp_path / "regions/r.png"
+    grounding = parse_sample({**raw, "task": None, "conversations": [
+        {"from": "human", "value": "<image>\nSegment the brain."},
+        {"from": "gpt", "value": "<SEG><mask>masks/m.png</mask>"}]}, tmp_path)
+    assert grounding.task == "grounding" and grounding.gt_mask == tmp_path / "masks/m.png"
+    assert grounding.reference == ""
+
+
+def _result(task: str, answer_type: str, prediction: str, reference: str, iou: float | None = None,
+            modality: str = "MRI") -> SampleResult:
+    sample = EvalSample(id="x", task=task, answer_type=answer_type, modality=modality, image=Path("i.png"),
+                        question="q", reference=reference, region=None, gt_mask=None)
+    return SampleResult(sample=sample, prediction=prediction, iou=iou)
+
+
+def test_summary_splits_subsets_and_modalities() -> None:
+    results = [
+        _result("grounding", "open", "", "", iou=0.5),
+        _result("grounding", "open", "", "", iou=1.0),
+        _result("grounding", "open", "", "", iou=0.0, modality="CT"),
+        _result("complex", "closed", "Yes", "yes"),
+        _result("complex", "closed", "no", "yes"),
+        _result("complex", "open", "This is a MRI image.", "This is a MRI image."),
+        _result("region", "open", "The region shows the brain.", "The region shows the brain"),
+        _result("region", "closed", "yes", "no"),
+    ]
+    m = summarize(results)
+    assert m["mIoU"] == pytest.approx(0.5)
+    assert m["mDice"] == pytest.approx(round((2 * 0.5 / 1.5 + 1.0 + 0.0) / 3, 4))
+    assert m["mDice_per_modality"] == {"CT": 0.0, "MRI": pytest.approx(round((2 / 3 + 1) / 2, 4))}
+    assert m["closed_accuracy"] == 0.5 and m["region_accuracy"] == 0.5
+    assert m["open_recall"] == m["open_f1"] == m["bleu1"] == 1.0
+    assert m["n"] == {"grounding": 3, "closed": 2, "open": 1, "region": 2, "total": 8, "refused": 0}

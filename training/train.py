@@ -1,0 +1,433 @@
+"""Train `medplib-tiny`: a small MedPLIB of the released architecture, from scratch, on `assets/medimages`.
+
+    python -m training.train --out models/medplib-tiny
+
+MedPLIB's staged recipe at toy scale (reference/medplib.md §7.1), every stage on CPU:
+  1. vision-language expert: CLIP, projector, region adapter, embeddings, attention, lm_head and expert 1 of
+     every MoE layer on complex + region VQA, every token routed to expert 1;
+  2. grounding expert: expert 0, SAM-Med2D (encoder trained too: no pretrained SAM exists here),
+     `text_hidden_fcs`, embeddings and lm_head on grounding, every token routed to expert 0; losses
+     CE + BCE + Dice on the mask;
+  3. MoE: everything, with the top-1 router deciding per token exactly as at inference (y = p_e · expert_e(x)),
+     on all three tasks. Unlike the paper (aux loss 0) a small routing loss nudges the tokens after the image
+     towards the expert of the sample's task (0 grounding, 1 VQA); tokens before the question are the same
+     for both tasks and are left to the router.
+The prompt is the engine's own (`build_prompt(template="llava_v1")` + `encode_prompt`), the answer ids are
+those the engine teacher-forces (answer + `</s>`), the mask loss is on `postprocess_masks` output at image
+size (the "medplib" post-processing the engine uses by default). The best stage-3 checkpoint on the val split
+(scored by `engine.evaluate` through the real loader and `Engine`) is written in the released layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from engine.config import LlamaSizes, MedPLIBConfig, MoESizes
+from engine.conversation import build_prompt
+from engine.modeling.medplib import MedPLIBModel
+from engine.modeling.moe import Top1MoE
+from engine.modeling.sam_med2d import SamMed2DConfig
+from engine.presets import write_checkpoint
+from engine.processing import clip_preprocess, pool_region, postprocess_masks, region_grid, sam_preprocess
+from engine.tokenizer import MedPLIBTokenizer, save_tokenizer_folder
+from training.corpus import build_corpus
+from training.tokenizer_train import corpus_lines, train_sentencepiece
+
+log = logging.getLogger("training.train")
+
+SEED = 1234
+GROUNDING_EXPERT, VQA_EXPERT = 0, 1
+_REGION_RE = re.compile(r"<region>(.*?)</region>")
+_MASK_RE = re.compile(r"<mask>(.*?)</mask>")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Sizes, schedule and loss weights. Steps are optimiser steps of `batch_size` samples."""
+
+    hidden: int = 128
+    intermediate: int = 256
+    layers: int = 2
+    heads: int = 4
+    clip_hidden: int = 64
+    clip_layers: int = 3  # select layer -2: the last CLIP layer is never used (as in MedPLIB)
+    sam_embed: int = 96
+    sam_prompt: int = 64
+    steps: tuple[int, int, int] = (700, 700, 900)
+    batch_size: int = 8
+    lr: float = 2e-3
+    warmup: int = 50
+    grounding_share: float = 0.5  # stage 3: share of grounding samples in a batch
+    bce_weight: float = 2.0
+    dice_weight: float = 1.0
+    router_weight: float = 0.1
+    evals: int = 3  # val evaluations during stage 3 (the best is kept)
+    seed: int = SEED
+
+    def model_config(self, vocab_size: int) -> MedPLIBConfig:
+        return MedPLIBConfig(
+            llm=LlamaSizes(vocab_size=vocab_size, hidden_size=self.hidden, intermediate_size=self.intermediate,
+                           num_layers=self.layers, num_heads=self.heads, num_kv_heads=self.heads),
+            moe=MoESizes(num_experts=2, top_k=1, moe_layers=tuple(range(self.layers))),
+            clip={"hidden_size": self.clip_hidden, "intermediate_size": 4 * self.clip_hidden,
+                  "num_hidden_layers": self.clip_layers, "num_attention_heads": 2, "image_size": 336,
+                  "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+                  "projection_dim": self.clip_hidden, "num_channels": 3},
+            sam=SamMed2DConfig(encoder_embed_dim=self.sam_embed, encoder_depth=2, encoder_num_heads=4,
+                               encoder_global_attn_indexes=(1,), prompt_embed_dim=self.sam_prompt,
+                               decoder_mlp_dim=2 * self.sam_prompt, iou_head_hidden_dim=self.sam_prompt),
+            mm_hidden_size=self.clip_hidden,
+            out_dim=self.sam_prompt,
+            demo_model=True,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class Example:
+    """One sample with its arrays loaded: image (H, W, 3) uint8, region / gt (H, W) bool or None."""
+
+    task: str
+    question: str  # `<region>` marks the region, no path, no `<image>`
+    answer: str  # `<SEG>` kept, `<mask>path</mask>` dropped
+    image: np.ndarray
+    region: np.ndarray | None = None
+    gt: np.ndarray | None = None
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("L")) > 127
+
+
+def load_examples(samples: list[dict], root: Path) -> list[Example]:
+    """MeCoVQA-format samples (paths relative to `root`) -> Examples with their images and masks."""
+    images: dict[str, np.ndarray] = {}
+    out = []
+    for s in samples:
+        question = s["conversations"][0]["value"].replace("<image>", "").strip()
+        answer = s["conversations"][1]["value"]
+        region_path, gt_path = _REGION_RE.search(question), _MASK_RE.search(answer)
+        if s["image"] not in images:
+            images[s["image"]] = np.asarray(Image.open(root / s["image"]).convert("RGB"))
+        out.append(Example(
+            task=s["task"], question=_REGION_RE.sub("<region>", question).strip(),
+            answer=_MASK_RE.sub("", answer).strip(), image=images[s["image"]],
+            region=_read_mask(root / region_path.group(1)) if region_path else None,
+            gt=_read_mask(root / gt_path.group(1)) if gt_path else None))
+    return out
+
+
+def augment(ex: Example, rng: random.Random) -> Example:
+    """Horizontal flip, a small aspect-keeping crop and an intensity change, applied alike to all arrays."""
+    arrays = [ex.image, ex.region, ex.gt]
+    if rng.random() < 0.5:
+        arrays = [None if a is None else a[:, ::-1] for a in arrays]
+    if rng.random() < 0.5:
+        h, w = ex.image.shape[:2]
+        scale = rng.uniform(0.85, 1.0)
+        ch, cw = max(int(h * scale), 16), max(int(w * scale), 16)
+        top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
+        cropped = [None if a is None else a[top:top + ch, left:left + cw] for a in arrays]
+        if (cropped[1] is None or region_grid(cropped[1]).any()) and (cropped[2] is None or cropped[2].any()):
+            arrays = cropped
+    image = arrays[0].astype(np.float32) / 255.0
+    image = np.clip(image ** rng.uniform(0.75, 1.35) * rng.uniform(0.85, 1.15) + rng.uniform(-0.06, 0.06), 0, 1)
+    return Example(task=ex.task, question=ex.question, answer=ex.answer,
+                   image=np.ascontiguousarray((image * 255 + 0.5).astype(np.uint8)),
+                   region=None if arrays[1] is None else np.ascontiguousarray(arrays[1]),
+                   gt=None if arrays[2] is None else np.ascontiguousarray(arrays[2]))
+
+
+# ---------------------------------------------------------------------------------------------- routing
+class RoutingControl:
+    """Replaces every Top1MoE forward with a training forward: a forced expert, or the router (top-1, y = p_e·f_e)."""
+
+    def __init__(self, model: MedPLIBModel) -> None:
+        self.moes: list[Top1MoE] = [layer.mlp for layer in model.llm.layers]
+        self.forced: int | None = VQA_EXPERT
+        for moe in self.moes:
+            moe.forward = self._bind(moe)
+
+    def _bind(self, moe: Top1MoE):
+        def forward(hidden: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+            if self.forced is not None:
+                moe.last_router_logits = None
+                return moe.experts[self.forced](hidden)
+            logits = F.linear(hidden.float(), moe.router.weight.float())  # (B, T, E)
+            probs = logits.softmax(-1)
+            weight, choice = probs.max(-1)
+            outs = torch.stack([expert(hidden) for expert in moe.experts], dim=-2)  # (B, T, E, C)
+            picked = outs.gather(-2, choice[..., None, None].expand(*choice.shape, 1, outs.shape[-1]))[..., 0, :]
+            moe.last_router_logits, moe.last_choice = logits, choice
+            return picked * weight.to(hidden.dtype)[..., None]
+        return forward
+
+    def router_loss(self, targets: torch.Tensor) -> torch.Tensor:
+        """CE of every layer's router logits against (B, T) target experts (-100: no target)."""
+        losses = [F.cross_entropy(m.last_router_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+                  for m in self.moes]
+        return torch.stack(losses).mean()
+
+
+# ---------------------------------------------------------------------------------------------- forward
+@dataclass
+class Encoded:
+    """Token ids of one example: prompt ids with placeholders, answer ids ending in `</s>`."""
+
+    prompt: list[int]
+    answer: list[int]
+
+
+def encode(tok: MedPLIBTokenizer, ex: Example) -> Encoded:
+    prompt = build_prompt(ex.question, template="llava_v1", has_region=ex.region is not None)
+    return Encoded(prompt=tok.encode_prompt(prompt), answer=tok.encode(ex.answer, add_bos=False) + [tok.eos_id])
+
+
+@dataclass
+class BatchLoss:
+    total: torch.Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss of (H, W) logits against a (H, W) {0, 1} target."""
+    p = logits.sigmoid()
+    return 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+
+
+def batch_loss(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingControl, batch: list[Example],
+               cfg: TrainConfig) -> BatchLoss:
+    """Answer-token CE (+ mask BCE/Dice for grounding, + routing loss when the router decides)."""
+    clip_px = torch.from_numpy(np.stack([clip_preprocess(ex.image) for ex in batch]))
+    feats = model.clip_features(clip_px)  # (B, 576, mm)
+    image_tokens = model.project_image(feats)  # (B, 576, C)
+    rows, labels, spans = [], [], []
+    for i, ex in enumerate(batch):
+        enc = encode(tok, ex)
+        region = None
+        if ex.region is not None:
+            region = pool_region(model.region_feature_map(feats[i]), region_grid(ex.region))
+        prompt = model.embed_prompt(enc.prompt, image_tokens[i], region)[0]  # (Tp, C)
+        answer_in = model.embed_ids(torch.tensor(enc.answer[:-1], dtype=torch.long))  # (Ta-1, C)
+        rows.append(torch.cat([prompt, answer_in]))
+        spans.append((prompt.shape[0] - 1, enc.answer, prompt.shape[0]))
+    width = max(r.shape[0] for r in rows)
+    embeds = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])  # (B, T, C)
+    hidden, _ = model.llm(embeds)  # (B, T, C) post-norm
+    picked, labels = [], []
+    for i, (start, answer, _) in enumerate(spans):
+        picked.append(hidden[i, start:start + len(answer)])
+        labels += answer
+    ce = F.cross_entropy(model.logits(torch.cat(picked)), torch.tensor(labels))
+    total, parts = ce, {"ce": float(ce)}
+    seg = [i for i, ex in enumerate(batch) if ex.gt is not None]
+    if seg:
+        bce, dice = mask_losses(model, tok, batch, seg, hidden, spans)
+        total = total + cfg.bce_weight * bce + cfg.dice_weight * dice
+        parts |= {"bce": float(bce), "dice": float(dice)}
+    if routing.forced is None and cfg.router_weight > 0:
+        targets = torch.full(hidden.shape[:2], -100, dtype=torch.long)
+        for i, (ex, (start, answer, prompt_len)) in enumerate(zip(batch, spans, strict=True)):
+            first_text = _image_end(tok, batch, i, prompt_len)
+            targets[i, first_text:start + len(answer)] = GROUNDING_EXPERT if ex.task == "grounding" else VQA_EXPERT
+        rl = routing.router_loss(targets)
+        total = total + cfg.router_weight * rl
+        parts["route"] = float(rl)
+    return BatchLoss(total=total, parts=parts)
+
+
+def _image_end(tok: MedPLIBTokenizer, batch: list[Example], i: int, prompt_len: int) -> int:
+    """Position of the first token after `<im_end>` in the embedded prompt (the question starts there)."""
+    ids = encode(tok, batch[i]).prompt
+    at = ids.index(tok.token_id("<im_end>"))
+    return at + 575 + 1  # the -200 slot grew by 575 rows
+
+
+def mask_losses(model: MedPLIBModel, tok: MedPLIBTokenizer, batch: list[Example], seg: list[int],
+                hidden: torch.Tensor, spans: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCE and Dice of the post-processed (image-size) mask logits of the grounding samples."""
+    sam_in = [sam_preprocess(batch[i].image) for i in seg]
+    embeddings = model.sam.encode_image(torch.from_numpy(np.stack([s[0] for s in sam_in])))  # (S, C, 16, 16)
+    bces, dices = [], []
+    seg_id = tok.seg_token_id
+    for j, i in enumerate(seg):
+        start, answer, _ = spans[i]
+        if seg_id not in answer:
+            raise ValueError(f"grounding answer without {seg_id}: {batch[i].answer!r}")
+        emb = model.seg_embedding(hidden[i, start + answer.index(seg_id)])  # (1, 1, out_dim)
+        low, _ = model.sam.decode_with_text(embeddings[j:j + 1], emb)  # (1, 1, 64, 64)
+        gt = torch.from_numpy(batch[i].gt.astype(np.float32))
+        logits = postprocess_masks(low, sam_in[j][1], gt.shape, mode="medplib")[0, 0]  # (H, W)
+        bces.append(F.binary_cross_entropy_with_logits(logits, gt))
+        dices.append(dice_loss(logits, gt))
+    return torch.stack(bces).mean(), torch.stack(dices).mean()
+
+
+# ---------------------------------------------------------------------------------------------- stages
+STAGES = ("vl_expert", "grounding_expert", "moe")
+
+
+def set_trainable(model: MedPLIBModel, stage: str) -> list[nn.Parameter]:
+    """requires_grad per stage (see module docstring); returns the trainable parameters."""
+    for name, p in model.named_parameters():
+        if stage == "vl_expert":
+            p.requires_grad = not (name.startswith(("sam.", "text_hidden_fcs.")) or ".experts.0." in name
+                                   or name.endswith("router.weight"))
+        elif stage == "grounding_expert":
+            p.requires_grad = name.startswith(("sam.", "text_hidden_fcs.", "lm_head.", "llm.embed_tokens.")) \
+                or ".experts.0." in name
+        else:
+            p.requires_grad = True
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def stage_pool(stage: str, train: list[Example]) -> tuple[list[Example], list[Example]]:
+    """(VQA pool, grounding pool) a stage samples from."""
+    vqa = [e for e in train if e.task != "grounding"]
+    ground = [e for e in train if e.task == "grounding"]
+    if stage == "vl_expert":
+        return vqa, []
+    if stage == "grounding_expert":
+        return [], ground
+    return vqa, ground
+
+
+def sample_batch(vqa: list[Example], ground: list[Example], cfg: TrainConfig, rng: random.Random) -> list[Example]:
+    n_ground = len(ground) and (cfg.batch_size if not vqa else round(cfg.batch_size * cfg.grounding_share))
+    picked = rng.sample(ground, n_ground) + rng.sample(vqa, cfg.batch_size - n_ground)
+    return [augment(ex, rng) for ex in picked]
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(total - cfg.warmup, 1))))
+
+
+def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingControl,
+              train: list[Example], cfg: TrainConfig, rng: random.Random, steps: int,
+              on_eval=None) -> None:
+    """Optimise one stage for `steps` steps; `on_eval(step)` is called `cfg.evals` times in the MoE stage."""
+    params = set_trainable(model, stage)
+    routing.forced = {"vl_expert": VQA_EXPERT, "grounding_expert": GROUNDING_EXPERT}.get(stage)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    vqa, ground = stage_pool(stage, train)
+    eval_at = {steps * (k + 1) // cfg.evals - 1 for k in range(cfg.evals)} if on_eval else set()
+    model.train()
+    bar = tqdm(range(steps), desc=f"stage {STAGES.index(stage) + 1} {stage}", dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, cfg)
+        loss = batch_loss(model, tok, routing, sample_batch(vqa, ground, cfg, rng), cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.total.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix({k: f"{v:.3f}" for k, v in loss.parts.items()})
+        if step in eval_at:
+            model.eval()
+            on_eval(step)
+            model.train()
+    model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def init_model(config: MedPLIBConfig, seed: int) -> MedPLIBModel:
+    """Fresh weights; routers start at zero (p = 0.5 for both experts until stage 3 trains them)."""
+    torch.manual_seed(seed)
+    model = MedPLIBModel(config)
+    for layer in model.llm.layers:
+        nn.init.zeros_(layer.mlp.router.weight)
+    return model
+
+
+def train(*, assets: Path, out: Path, cfg: TrainConfig) -> dict:
+    """Build the corpus, train the tokenizer and the three stages, write the best checkpoint to `out`."""
+    from engine.evaluate import evaluate_folder
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    corpus = build_corpus(assets)
+    splits = {s: [x for task in corpus[s].values() for x in task] for s in corpus}
+    work = Path(tempfile.mkdtemp(prefix="medplib-tiny-"))
+    sp_path = train_sentencepiece(corpus_lines(splits["train"]), work / "tokenizer")
+    tok = MedPLIBTokenizer.from_folder(save_tokenizer_folder(sp_path, work / "tok"))
+    model = init_model(cfg.model_config(tok.vocab_size), cfg.seed)
+    log.info("model: %.2f M parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    routing = RoutingControl(model)
+    examples = [e for e in load_examples(splits["train"], assets) if e.region is None or region_grid(e.region).any()]
+    rng = random.Random(cfg.seed)
+    best: dict = {"score": -1.0}
+
+    def on_eval(step: int) -> None:
+        folder = write_checkpoint(model, work / "candidate", sp_model=sp_path)
+        metrics = evaluate_folder(folder, splits["val"], assets)
+        score = selection_score(metrics)
+        log.info("val after stage-3 step %d: score %.3f %s", step + 1, score, _short(metrics))
+        if score > best["score"]:
+            best.update(score=score, step=step + 1, metrics=metrics)
+            shutil.rmtree(work / "best", ignore_errors=True)
+            shutil.copytree(folder, work / "best")
+
+    for stage, steps in zip(STAGES, cfg.steps, strict=True):
+        run_stage(stage, model, tok, routing, examples, cfg, rng, steps, on_eval if stage == "moe" else None)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in (work / "best").iterdir():
+        target = out / path.name
+        if path.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(path, target)
+        else:
+            shutil.copyfile(path, target)
+    summary = {"config": asdict(cfg), "best_stage3_step": best["step"], "val": best["metrics"],
+               "wall_time_s": round(time.perf_counter() - t0, 1)}
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def selection_score(m: dict) -> float:
+    """What picks the checkpoint on val: mean of mDice, closed accuracy and region accuracy."""
+    return (m["mDice"] + m["closed_accuracy"] + m["region_accuracy"]) / 3
+
+
+def _short(m: dict) -> str:
+    keys = ("mDice", "mIoU", "closed_accuracy", "region_accuracy", "open_recall")
+    return " ".join(f"{k}={m[k]:.3f}" for k in keys)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint folder, e.g. models/medplib-tiny")
+    parser.add_argument("--assets", type=Path, default=Path("assets/medimages"))
+    parser.add_argument("--steps", type=int, nargs=3, default=None, metavar=("S1", "S2", "S3"),
+                        help="optimiser steps of the three stages")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = TrainConfig() if args.steps is None else TrainConfig(steps=tuple(args.steps))
+    summary = train(assets=args.assets, out=args.out, cfg=cfg)
+    log.info("done in %.0f s; val %s", summary["wall_time_s"], _short(summary["val"]))
+
+
+if __name__ == "__main__":
+    main()
