@@ -1,0 +1,187 @@
+"""Case library tab: filter the published teaching cases and read one as a known case.
+
+`build_library_tab(ctx)` is called inside `with gr.Tab(...)`. `ask_handoff(store, case_id)` gives what
+the Ask tab needs to open a case (image file + suggested question); the tab shows it and keeps it in
+the `gr.State` returned by `build_library_tab` for the app to wire to the Ask tab.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from cases import CaseNotFound, CaseRecord, CaseStore
+from portal import texts
+from portal.overlay import overlay_mask
+
+ALL = "All"
+NO_STORE = "The case library is not configured (start the portal with a case database)."
+NO_MATCH = "No published case matches these filters."
+ASK_HINT = "Open the **Ask** tab and load this image file; the suggested question is below."
+REFERENCE_COLOR = texts.MASK_COLORS["bluish green"]
+MASK_PALETTE = tuple(texts.MASK_COLORS.values())
+DISPLAY_WINDOWS = {  # display-only contrast on the stored 8-bit image: (width, level) in grey values
+    "as stored": (256.0, 127.5),
+    "narrow (more contrast)": (128.0, 127.5),
+    "dark areas": (128.0, 64.0),
+    "bright areas": (128.0, 192.0),
+}
+
+
+@dataclass(frozen=True)
+class AskHandoff:
+    """What the Ask tab needs to open a library case: an RGB PNG file and a suggested question."""
+
+    case_id: int
+    image_path: Path
+    question: str
+    spacing_mm: tuple[float, float] | None
+
+
+def ask_handoff(store: CaseStore, case_id: int, folder: Path | None = None) -> AskHandoff:
+    """Write the case's first image to a PNG in `folder` (default: a new temp dir) for the Ask tab.
+
+    The suggested question is the case's segmentation prompt (MedPLIB style), else its first question.
+    """
+    case = store.get_case(case_id)
+    folder = Path(folder or tempfile.mkdtemp(prefix="medplib-case-"))
+    path = folder / f"case-{case.id}.png"
+    path.write_bytes(case.images[0].png)
+    seg = [q for q in case.questions if q.kind == "segmentation"]
+    question = (seg or list(case.questions))[0].prompt if case.questions else "Describe the image."
+    return AskHandoff(
+        case_id=case.id, image_path=path, question=question, spacing_mm=case.images[0].spacing_mm
+    )
+
+
+def display_window(rgb: np.ndarray, name: str) -> np.ndarray:
+    """(H, W, 3) uint8 → contrast-adjusted copy for display only (the stored pixels never change)."""
+    width, level = DISPLAY_WINDOWS.get(name, DISPLAY_WINDOWS["as stored"])
+    low = level - width / 2
+    scaled = (rgb.astype(np.float32) - low) * (255.0 / width)
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def case_view(case: CaseRecord, labels: list[str], window: str = "as stored") -> np.ndarray:
+    """The case's first image with the chosen reference masks outlined in Okabe-Ito colours."""
+    image = case.images[0]
+    rgb = display_window(image.rgb(), window)
+    for k, mask in enumerate(image.masks):
+        if mask.label in labels:
+            rgb = overlay_mask(rgb, mask.array(), color=MASK_PALETTE[(k + 2) % len(MASK_PALETTE)],
+                               opacity=0.35, style="fill + outline")  # fmt: skip
+    return rgb
+
+
+def case_markdown(case: CaseRecord, *, reveal: bool = True) -> str:
+    """Teaching text of a case; reveal=False gives the 'unknown case' header only (quiz)."""
+    s = case.summary
+    meta = f"**{s.modality}** · {s.anatomy} · {s.plane} plane · level: {s.difficulty}"
+    if case.synthetic:
+        meta += " · **simulated**"
+    if not reveal:
+        return f"### Unknown case #{s.id}\n{meta}\n\n{case.vignette}"
+    spacing = case.images[0].spacing_mm
+    lines = [
+        f"## {s.title}", meta, f"**Clinical vignette.** {case.vignette}", f"**Findings.** {case.findings}",
+        f"**Discussion.** {case.discussion}", "**Key learning points**",
+        *[f"- {p}" for p in case.key_points],
+        f"*Tags:* {', '.join(s.tags)}" + (f" · *window:* {case.window_preset}" if case.window_preset else ""),
+        f"*Pixel spacing:* {spacing[0]:.3g} × {spacing[1]:.3g} mm" if spacing else "*Pixel spacing:* unknown",
+        f"<small>Source: {case.source} · Licence: {case.licence}<br>{case.provenance.replace(chr(10), '<br>')}</small>",
+    ]  # fmt: skip
+    return "\n\n".join(lines)
+
+
+def case_choices(
+    store: CaseStore, modality: str, anatomy: str, difficulty: str, text: str
+) -> list[tuple[str, int]]:
+    """(label, id) pairs of published cases that pass the filters ('All' = no filter)."""
+    summaries = store.list_cases(
+        modality=None if modality == ALL else modality, anatomy=None if anatomy == ALL else anatomy,
+        difficulty=None if difficulty == ALL else difficulty, text=text or None,
+    )  # fmt: skip
+    return [(f"{c.title} — {c.modality}", c.id) for c in summaries]
+
+
+class LibraryHandlers:
+    """Event handlers of the library tab (plain methods: tested without a browser)."""
+
+    def __init__(self, store: CaseStore) -> None:
+        self.store = store
+
+    def search(self, modality: str, anatomy: str, difficulty: str, text: str) -> tuple[Any, str]:
+        choices = case_choices(self.store, modality, anatomy, difficulty, text)
+        note = f"{len(choices)} cases" if choices else NO_MATCH
+        return gr.update(choices=choices, value=choices[0][1] if choices else None), note
+
+    def open_case(self, case_id: int | None, window: str) -> tuple[Any, Any, str]:
+        if case_id is None:
+            return None, gr.update(choices=[], value=[]), ""
+        case = self._case(case_id)
+        labels = [m.label for m in case.images[0].masks]
+        return (
+            case_view(case, labels[:1], window),
+            gr.update(choices=labels, value=labels[:1]),
+            case_markdown(case),
+        )
+
+    def redraw(self, case_id: int | None, labels: list[str], window: str) -> Any:
+        return None if case_id is None else case_view(self._case(case_id), labels or [], window)
+
+    def handoff(self, case_id: int | None) -> tuple[AskHandoff | None, str | None, str, str]:
+        if case_id is None:
+            raise gr.Error("Pick a case first.")
+        h = ask_handoff(self.store, case_id)
+        return h, str(h.image_path), h.question, ASK_HINT
+
+    def _case(self, case_id: int) -> CaseRecord:
+        try:
+            return self.store.get_case(int(case_id))
+        except CaseNotFound as error:
+            raise gr.Error(str(error)) from error
+
+
+def build_library_tab(ctx: Any) -> gr.State | None:
+    """Library UI inside the current gr.Tab; returns the gr.State holding the last AskHandoff."""
+    if ctx.store is None:
+        gr.Markdown(NO_STORE)
+        return None
+    h = LibraryHandlers(ctx.store)
+    facets = ctx.store.facets()
+    with gr.Row():
+        modality = gr.Dropdown([ALL, *facets["modality"]], value=ALL, label="Modality")
+        anatomy = gr.Dropdown([ALL, *facets["anatomy"]], value=ALL, label="Anatomy")
+        difficulty = gr.Dropdown([ALL, *facets["difficulty"]], value=ALL, label="Training level")
+        text = gr.Textbox(label="Search text", placeholder="e.g. nuclei, lesion, window")
+    first = case_choices(ctx.store, ALL, ALL, ALL, "")
+    picker = gr.Dropdown(first, value=first[0][1] if first else None, label="Case", elem_id="library-case")
+    count = gr.Markdown(f"{len(first)} cases")
+    shown = ctx.store.get_case(first[0][1]) if first else None
+    labels = [m.label for m in shown.images[0].masks] if shown else []
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = gr.Image(case_view(shown, labels[:1]) if shown else None, label="Case image", type="numpy",
+                             interactive=False, elem_id="library-image")  # fmt: skip
+            masks = gr.CheckboxGroup(labels, value=labels[:1], label="Reference masks shown")
+            window = gr.Radio(list(DISPLAY_WINDOWS), value="as stored", label="Display contrast")
+            to_ask = gr.Button("Open in the Ask tab")
+            handoff_file = gr.File(label="Image for the Ask tab", interactive=False)
+            question = gr.Textbox(label="Suggested question", interactive=False)
+            hint = gr.Markdown()
+        with gr.Column(scale=1):
+            card = gr.Markdown(case_markdown(shown) if shown else "", elem_id="library-card")
+    handoff = gr.State(None)
+    filters = [modality, anatomy, difficulty, text]
+    for trigger in (modality.change, anatomy.change, difficulty.change, text.submit):
+        trigger(h.search, filters, [picker, count])
+    picker.change(h.open_case, [picker, window], [image, masks, card])
+    masks.change(h.redraw, [picker, masks, window], image)
+    window.change(h.redraw, [picker, masks, window], image)
+    to_ask.click(h.handoff, picker, [handoff, handoff_file, question, hint])
+    return handoff

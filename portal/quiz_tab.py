@@ -1,0 +1,281 @@
+"""Quiz tab: an unknown case, predict-then-reveal answers, a drawn mask scored with Dice and IoU.
+
+The student answers (closed: pick; open: type) and/or draws the structure on the editor's "mask" layer
+(mask = brush alpha > 0). On submit the attempt is scored and stored by `CaseStore.record_attempt`,
+then the student / model (cached output) / reference masks are revealed in three Okabe-Ito colours
+with toggles, with the reference answer, the model's answer and the case discussion. A plotly chart
+tracks the session's progress. Students are an anonymous browser id or a course pseudonym.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import plotly.graph_objects as go
+from PIL import Image as PILImage
+
+from cases import CaseNotFound, CaseRecord, CaseStore, CaseStoreError, QuestionRecord
+from portal import texts
+from portal.library_tab import NO_STORE, case_markdown
+from portal.overlay import overlay_mask
+
+RANDOM_CASE = 0
+LAYER_COLORS = {  # Okabe-Ito: distinguishable with the common colour-vision deficiencies
+    "student": texts.MASK_COLORS["orange"],
+    "model": texts.MASK_COLORS["sky blue"],
+    "reference": texts.MASK_COLORS["bluish green"],
+}
+LAYERS = tuple(LAYER_COLORS)
+BRUSH_COLOR = "#E69F00"  # the student's colour, also while drawing
+NO_MODEL_OUTPUT = "No cached model answer for this question yet (`python -m cases precompute`)."
+PSEUDONYM_HELP = (
+    "Course pseudonym (optional; never your real name). Empty = an anonymous id kept by this browser."
+)
+
+
+@dataclass(frozen=True)
+class QuizState:
+    """One browser's quiz session. `drawn` is the submitted (H, W) bool mask, kept for the toggles."""
+
+    case_id: int | None = None
+    question_id: int | None = None
+    started: float = 0.0
+    submitted: bool = False
+    drawn: np.ndarray | None = field(default=None, compare=False)
+    progress: tuple[tuple[str, float | None, bool | None], ...] = ()  # (label, dice, correct)
+
+
+def student_id(pseudonym: str, browser_id: str | None) -> tuple[str, str]:
+    """(id used for the attempt, browser id to remember): the pseudonym if given, else anon-<hex>."""
+    remembered = browser_id or f"anon-{secrets.token_hex(4)}"
+    return (pseudonym.strip() or remembered), remembered
+
+
+def drawn_mask(editor: dict[str, Any] | None, size: tuple[int, int]) -> np.ndarray | None:
+    """(H, W) bool mask from an ImageEditor value: alpha > 0 on any layer, resized to `size` (nearest)."""
+    layers = (editor or {}).get("layers") or []
+    if not layers:
+        return None
+    alpha = np.zeros(np.asarray(layers[0]).shape[:2], bool)
+    for layer in layers:
+        array = np.asarray(layer)
+        if array.ndim == 3 and array.shape[2] == 4 and array.shape[:2] == alpha.shape:
+            alpha |= array[..., 3] > 0
+    if alpha.shape != size:
+        resized = PILImage.fromarray(alpha.astype(np.uint8) * 255).resize(
+            (size[1], size[0]), PILImage.NEAREST
+        )
+        alpha = np.asarray(resized) > 0
+    return alpha
+
+
+def comparison_image(case: CaseRecord, question: QuestionRecord, masks: dict[str, np.ndarray | None],
+                     shown: list[str]) -> np.ndarray:  # fmt: skip
+    """The case image with the chosen layers ('student', 'model', 'reference') in their colours."""
+    rgb = case.images[0].rgb()
+    for name in LAYERS:
+        mask = masks.get(name)
+        if name in shown and mask is not None and mask.shape == rgb.shape[:2]:
+            rgb = overlay_mask(rgb, mask, color=LAYER_COLORS[name], opacity=0.3, style="fill + outline")
+    return rgb
+
+
+def progress_figure(progress: tuple[tuple[str, float | None, bool | None], ...]) -> go.Figure:
+    """Dice per segmentation attempt and right/wrong per answered question, in attempt order."""
+    fig = go.Figure()
+    n = list(range(1, len(progress) + 1))
+    dice = [(i, d) for i, (_l, d, _c) in zip(n, progress, strict=True) if d is not None]
+    right = [(i, 1.0 if c else 0.0) for i, (_l, _d, c) in zip(n, progress, strict=True) if c is not None]
+    if dice:
+        fig.add_scatter(x=[i for i, _ in dice], y=[d for _, d in dice], mode="lines+markers", name="Dice",
+                        marker={"color": "rgb(230,159,0)"})  # fmt: skip
+    if right:
+        fig.add_scatter(x=[i for i, _ in right], y=[c for _, c in right], mode="markers", name="answer right (1)",
+                        marker={"color": "rgb(0,114,178)", "symbol": "diamond", "size": 10})  # fmt: skip
+    fig.update_layout(title="This session", xaxis_title="attempt", yaxis={"range": [-0.05, 1.05]}, height=280,
+                      margin={"l": 40, "r": 10, "t": 40, "b": 40})  # fmt: skip
+    return fig
+
+
+class QuizHandlers:
+    """Event handlers of the quiz tab (plain methods: tested without a browser)."""
+
+    def __init__(self, store: CaseStore) -> None:
+        self.store = store
+
+    def start(self, choice: int | None, state: QuizState) -> tuple:
+        """Open a case (RANDOM_CASE = any published case) at its first question."""
+        case = self._pick(choice)
+        questions = [(f"{q.kind}: {q.prompt}", q.id) for q in case.questions]
+        first = case.questions[0]
+        new = replace(state, case_id=case.id, question_id=first.id, started=time.monotonic(), submitted=False,
+                      drawn=None)  # fmt: skip
+        return (new, case_markdown(case, reveal=False), gr.update(choices=questions, value=first.id),
+                *self._question_view(case, first))  # fmt: skip
+
+    def choose_question(self, question_id: int | None, state: QuizState) -> tuple:
+        if question_id is None or state.case_id is None:
+            return (state, *self._blank_question())
+        case = self._case(state.case_id)
+        question = case.question(int(question_id))
+        new = replace(state, question_id=question.id, started=time.monotonic(), submitted=False, drawn=None)
+        return (new, *self._question_view(case, question))
+
+    def submit(self, choice: str | None, text: str, editor: dict | None, pseudonym: str, browser_id: str | None,
+               state: QuizState) -> tuple:  # fmt: skip
+        """Score and store the attempt, then reveal the answers, masks and discussion."""
+        if state.question_id is None or state.case_id is None:
+            raise gr.Error("Press Start to get a case first.")
+        if state.submitted:
+            raise gr.Error("Already submitted: pick another question or press Start for a new case.")
+        case = self._case(state.case_id)
+        question = case.question(state.question_id)
+        answer = (choice or "") if question.kind == "closed" else (text or "")
+        mask = drawn_mask(editor, (case.images[0].height, case.images[0].width))
+        if question.kind == "segmentation" and (mask is None or not mask.any()):
+            raise gr.Error("Draw the structure on the image with the brush before submitting.")
+        if question.kind != "segmentation" and not answer.strip():
+            raise gr.Error("Give your answer first: predict, then reveal.")
+        student, remembered = student_id(pseudonym, browser_id)
+        try:
+            attempt = self.store.record_attempt(question.id, student, answer,
+                                                mask if question.kind == "segmentation" else None,
+                                                duration_s=round(time.monotonic() - state.started, 1))  # fmt: skip
+        except CaseStoreError as error:
+            raise gr.Error(str(error)) from error
+        label = f"#{case.id} {question.kind}"
+        new = replace(
+            state,
+            submitted=True,
+            drawn=mask,
+            progress=(*state.progress, (label, attempt.dice, attempt.correct)),
+        )
+        shown = list(LAYERS)
+        return (new, remembered, self._result_markdown(question, attempt), self._compare(case, question, mask, shown),
+                gr.update(value=shown, visible=question.kind == "segmentation"), case_markdown(case),
+                progress_figure(new.progress))  # fmt: skip
+
+    def toggle(self, shown: list[str], state: QuizState) -> Any:
+        if not state.submitted or state.case_id is None or state.question_id is None:
+            return None
+        case = self._case(state.case_id)
+        return self._compare(case, case.question(state.question_id), state.drawn, shown or [])
+
+    # -------------------------------------------------------------------------------------- helpers
+
+    def _compare(
+        self, case: CaseRecord, question: QuestionRecord, drawn: np.ndarray | None, shown: list[str]
+    ) -> np.ndarray:
+        reference = case.images[0].mask(question.target_label).array() if question.target_label else None
+        outputs = self.store.model_outputs(question.id)
+        model = outputs[0].mask() if outputs else None
+        return comparison_image(
+            case, question, {"student": drawn, "model": model, "reference": reference}, shown
+        )
+
+    def _result_markdown(self, question: QuestionRecord, attempt: Any) -> str:
+        lines = []
+        if attempt.dice is not None:
+            lines.append(f"### Dice **{attempt.dice:.3f}** · IoU **{attempt.iou:.3f}**")
+            lines.append("Colours: <b style='color:#E69F00'>you</b> · <b style='color:#56B4E9'>model</b> · "
+                         "<b style='color:#009E73'>reference</b>")  # fmt: skip
+        verdict = {True: "✅ matches the reference", False: "❌ does not match the reference",
+                   None: "compare your answer with the reference"}[attempt.correct]  # fmt: skip
+        if question.kind != "segmentation":
+            lines.append(f"**Your answer:** {attempt.answer} — {verdict}")
+        lines.append(f"**Reference answer:** {question.reference_answer}")
+        if question.synonyms:
+            lines.append(f"*Also accepted:* {', '.join(question.synonyms)}")
+        outputs = self.store.model_outputs(question.id)
+        if outputs:
+            lines.append(f"**Model answer** ({outputs[0].model_id}): {outputs[0].answer or '(empty)'}")
+        else:
+            lines.append(NO_MODEL_OUTPUT)
+        return "\n\n".join(lines)
+
+    def _question_view(self, case: CaseRecord, question: QuestionRecord) -> tuple:
+        rgb = case.images[0].rgb()
+        editor = {"background": rgb, "layers": [], "composite": rgb}
+        seg = question.kind == "segmentation"
+        return (
+            f"**Question ({question.kind}).** {question.prompt}",
+            gr.update(choices=list(question.choices), value=None, visible=question.kind == "closed"),
+            gr.update(value="", visible=question.kind == "open"),
+            gr.update(value=editor, label="Draw the structure (brush)" if seg else "Case image"),
+            "", None, gr.update(value=[], visible=False), "",
+        )  # fmt: skip
+
+    def _blank_question(self) -> tuple:
+        return ("", gr.update(visible=False), gr.update(visible=False), gr.update(), "", None,
+                gr.update(visible=False), "")  # fmt: skip
+
+    def _pick(self, choice: int | None) -> CaseRecord:
+        if choice in (None, RANDOM_CASE):
+            published = self.store.list_cases()
+            if not published:
+                raise gr.Error("There is no published case yet.")
+            return self._case(random.choice(published).id)
+        return self._case(int(choice))
+
+    def _case(self, case_id: int) -> CaseRecord:
+        try:
+            return self.store.get_case(case_id)
+        except CaseNotFound as error:
+            raise gr.Error(str(error)) from error
+
+
+def case_options(store: CaseStore) -> list[tuple[str, int]]:
+    """Quiz case menu: 'Random case' then published cases WITHOUT their titles (titles give answers)."""
+    return [("Random case", RANDOM_CASE)] + [
+        (f"#{c.id} · {c.modality} · {c.anatomy} · {c.difficulty}", c.id) for c in store.list_cases()
+    ]
+
+
+def build_quiz_tab(ctx: Any) -> None:
+    """Quiz UI inside the current gr.Tab."""
+    if ctx.store is None:
+        gr.Markdown(NO_STORE)
+        return
+    h = QuizHandlers(ctx.store)
+    state = gr.State(QuizState())
+    browser_id = gr.BrowserState("", storage_key="medplib-quiz-student")
+    with gr.Row():
+        pseudonym = gr.Textbox(label="Pseudonym", placeholder=PSEUDONYM_HELP, max_length=80, scale=2)
+        choice = gr.Dropdown(
+            case_options(ctx.store), value=RANDOM_CASE, label="Case", scale=2, elem_id="quiz-case"
+        )
+        start = gr.Button("Start", variant="primary", scale=1, elem_id="quiz-start")
+    header = gr.Markdown(elem_id="quiz-header")
+    question = gr.Radio([], label="Question", elem_id="quiz-question")
+    with gr.Row():
+        with gr.Column():
+            prompt = gr.Markdown(elem_id="quiz-prompt")
+            editor = gr.ImageEditor(
+                type="numpy", label="Case image", sources=(), transforms=(), elem_id="quiz-editor",
+                brush=gr.Brush(colors=[BRUSH_COLOR], color_mode="fixed", default_size=8),
+                layers=gr.LayerOptions(allow_additional_layers=False, layers=["mask"]),
+                format="png", height=420,
+            )  # fmt: skip
+            closed = gr.Radio([], label="Your answer", visible=False, elem_id="quiz-choice")
+            opened = gr.Textbox(label="Your answer", visible=False, elem_id="quiz-text")
+            submit = gr.Button("Submit and reveal", variant="primary", elem_id="quiz-submit")
+        with gr.Column():
+            result = gr.Markdown(elem_id="quiz-result")
+            compare = gr.Image(
+                label="You / model / reference", type="numpy", interactive=False, elem_id="quiz-compare"
+            )
+            layers = gr.CheckboxGroup(list(LAYERS), value=[], label="Show", visible=False)
+            plot = gr.Plot(label="Progress")
+    discussion = gr.Markdown(elem_id="quiz-discussion")
+    view = [prompt, closed, opened, editor, result, compare, layers, discussion]
+    start.click(h.start, [choice, state], [state, header, question, *view])
+    question.input(h.choose_question, [question, state], [state, *view])
+    submit.click(h.submit, [closed, opened, editor, pseudonym, browser_id, state],
+                 [state, browser_id, result, compare, layers, discussion, plot])  # fmt: skip
+    layers.change(h.toggle, [layers, state], compare)
