@@ -1,0 +1,371 @@
+"""Instructor tab: log in, create or edit cases from uploads, publish, delete, export quiz results.
+
+Uploads (PNG, JPEG, DICOM, NIfTI) are read by `engine.imageio.read_image` (no torch). DICOM files are
+de-identified (`cases.deid`, PS3.15 Annex E) before their pixels are read, and PNG/JPEG metadata is
+stripped by re-encoding; only the pixels (and pixel spacing) are stored. Files whose burned-in
+annotation status is not "NO" can only be published after the instructor confirms the pixels were
+checked. Every action goes through `CaseStore` methods that refuse sessions not issued by `login`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from cases import (
+    CaseDraft,
+    CaseRecord,
+    CaseStore,
+    CaseStoreError,
+    ImageDraft,
+    InstructorSession,
+    InvalidCaseData,
+    MaskDraft,
+    QuestionDraft,
+)
+from cases.deid import deidentify_bytes, strip_image_metadata
+from cases.imaging import MAX_UPLOAD_BYTES, decode_mask
+from cases.records import DIFFICULTIES
+from portal.library_tab import NO_STORE
+from portal.quiz_tab import BRUSH_COLOR, drawn_mask
+
+PLANES = ("axial", "coronal", "sagittal")
+LOGGED_OUT = "Not logged in. Instructor accounts are created with `python -m cases add-instructor NAME`."
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class LoadedUpload:
+    """An upload turned into what a case stores: (H, W, 3) uint8 pixels, spacing, and review status."""
+
+    rgb: np.ndarray
+    spacing_mm: tuple[float, float] | None
+    modality: str | None
+    needs_review: bool
+    note: str
+
+
+def read_upload(
+    path: str | Path, *, plane: str = "axial", index: int = 0, preset: str | None = None
+) -> LoadedUpload:
+    """Read an uploaded PNG/JPEG/DICOM/NIfTI file into stored-safe pixels (see module docstring)."""
+    path = Path(path)
+    data = path.read_bytes()
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise InvalidCaseData(
+            f"{path.name} is over {MAX_UPLOAD_BYTES // 2**20} MiB; upload one slice or a smaller file"
+        )
+    if data[128:132] == b"DICM":
+        return _read_dicom(data, plane, index, preset)
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        return _read_with_imageio(
+            path, plane, index, preset, needs_review=False, note="NIfTI: pixels only kept."
+        )
+    stripped = strip_image_metadata(data)
+    dropped = (
+        f" Dropped metadata: {', '.join(stripped.dropped_metadata)}." if stripped.dropped_metadata else ""
+    )
+    return LoadedUpload(stripped.rgb, None, None, False, f"Photo re-encoded without metadata.{dropped}")
+
+
+def _read_dicom(data: bytes, plane: str, index: int, preset: str | None) -> LoadedUpload:
+    clean, report = deidentify_bytes(data)
+    note = (f"DICOM de-identified (Annex E basic profile): {report.removed} removed, {report.emptied} emptied, "
+            f"{report.dummied} replaced, {report.uids_remapped} UIDs remapped, {report.private_removed} private "
+            f"tags and {report.curves_overlays_removed} overlay/curve elements removed.")  # fmt: skip
+    if report.needs_review:
+        note += f" ⚠ {report.review_reason}"
+    with tempfile.TemporaryDirectory(prefix="medplib-deid-") as folder:
+        tmp = Path(folder) / "deidentified.dcm"
+        tmp.write_bytes(clean)
+        return _read_with_imageio(tmp, plane, index, preset, needs_review=report.needs_review, note=note)
+
+
+def _read_with_imageio(path: Path, plane: str, index: int, preset: str | None, *, needs_review: bool,
+                       note: str) -> LoadedUpload:  # fmt: skip
+    try:
+        from engine import imageio
+    except ImportError as error:  # the portal always ships it; this guards partial installs
+        raise InvalidCaseData("engine.imageio is needed to read DICOM/NIfTI uploads") from error
+    try:
+        image = imageio.read_image(path)
+        rgb = imageio.to_rgb(image, index=int(index), plane=plane, preset=preset or None)
+    except ValueError as error:  # ImageReadError is a ValueError
+        raise InvalidCaseData(str(error)) from error
+    spacing = imageio.frame_spacing(image, plane)
+    return LoadedUpload(
+        rgb, None if spacing is None else tuple(map(float, spacing)), image.modality, needs_review, note
+    )
+
+
+@dataclass(frozen=True)
+class CaseForm:
+    """The text fields of the case form, in the order of the UI components."""
+
+    title: str
+    modality: str
+    anatomy: str
+    plane: str
+    difficulty: str
+    vignette: str
+    findings: str
+    discussion: str
+    key_points: str  # one per line
+    tags: str  # comma-separated
+    source: str
+    provenance: str
+    licence: str
+    mask_label: str
+    closed_prompt: str
+    closed_choices: str  # comma-separated
+    closed_answer: str
+    open_prompt: str
+    open_answer: str
+    open_synonyms: str  # comma-separated
+
+
+def _split(text: str, sep: str = ",") -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(sep) if part.strip())
+
+
+def build_draft(form: CaseForm, upload: LoadedUpload, mask: np.ndarray, *, published: bool) -> CaseDraft:
+    """A CaseDraft from the form, the loaded image and the (H, W) bool reference mask."""
+    label = form.mask_label.strip() or "structure"
+    questions = [
+        QuestionDraft("segmentation", f"Please segment the {label} in this image.", label, target_label=label)
+    ]
+    if form.closed_prompt.strip():
+        questions.insert(0, QuestionDraft("closed", form.closed_prompt, form.closed_answer.strip(),
+                                          choices=_split(form.closed_choices)))  # fmt: skip
+    if form.open_prompt.strip():
+        questions.append(QuestionDraft("open", form.open_prompt, form.open_answer.strip(),
+                                       synonyms=_split(form.open_synonyms)))  # fmt: skip
+    return CaseDraft(
+        title=form.title, modality=form.modality, anatomy=form.anatomy, plane=form.plane,
+        difficulty=form.difficulty, vignette=form.vignette, findings=form.findings, discussion=form.discussion,
+        key_points=_split(form.key_points, "\n"), tags=_split(form.tags), source=form.source,
+        provenance=form.provenance, licence=form.licence, published=published,
+        images=(ImageDraft(upload.rgb, (MaskDraft(label, mask),), upload.spacing_mm),), questions=tuple(questions),
+    )  # fmt: skip
+
+
+def form_from_case(case: CaseRecord) -> CaseForm:
+    """Fill the form from a stored case (first closed/open question, first mask label)."""
+    s = case.summary
+    closed = next((q for q in case.questions if q.kind == "closed"), None)
+    opened = next((q for q in case.questions if q.kind == "open"), None)
+    seg = next((q for q in case.questions if q.kind == "segmentation"), None)
+    return CaseForm(
+        title=s.title, modality=s.modality, anatomy=s.anatomy, plane=s.plane, difficulty=s.difficulty,
+        vignette=case.vignette, findings=case.findings, discussion=case.discussion,
+        key_points="\n".join(case.key_points), tags=", ".join(s.tags), source=case.source,
+        provenance=case.provenance, licence=case.licence,
+        mask_label=seg.target_label if seg and seg.target_label else case.images[0].masks[0].label,
+        closed_prompt=closed.prompt if closed else "", closed_choices=", ".join(closed.choices) if closed else "",
+        closed_answer=closed.reference_answer if closed else "", open_prompt=opened.prompt if opened else "",
+        open_answer=opened.reference_answer if opened else "", open_synonyms=", ".join(opened.synonyms) if opened else "",
+    )  # fmt: skip
+
+
+class InstructorHandlers:
+    """Event handlers of the instructor tab (plain methods: tested without a browser)."""
+
+    def __init__(self, store: CaseStore) -> None:
+        self.store = store
+
+    def login(self, username: str, password: str) -> tuple[InstructorSession, str, Any, Any]:
+        session = self._call(self.store.login, username.strip(), password)
+        return session, f"Logged in as **{session.username}**.", gr.update(value=""), self.case_menu(session)
+
+    def logout(self, session: InstructorSession | None) -> tuple[None, str, Any]:
+        if session is not None:
+            self.store.logout(session)
+        return None, LOGGED_OUT, gr.update(choices=[], value=None)
+
+    def case_menu(self, session: InstructorSession | None) -> Any:
+        if not self.store.is_instructor(session):
+            return gr.update(choices=[], value=None)
+        cases = self.store.list_cases(include_unpublished=True)
+        choices = [(f"#{c.id} {c.title}{'' if c.published else ' [unpublished]'}", c.id) for c in cases]
+        return gr.update(choices=choices, value=None)
+
+    def read(self, file: str | None, plane: str, index: float, preset: str) -> tuple[LoadedUpload, Any, str]:
+        if not file:
+            raise gr.Error("Upload an image first (PNG, JPEG, DICOM or NIfTI).")
+        upload = self._call(read_upload, file, plane=plane, index=int(index or 0), preset=preset or None)
+        return upload, {"background": upload.rgb, "layers": [], "composite": upload.rgb}, upload.note
+
+    def save(self, session: InstructorSession | None, case_id: int | None, upload: LoadedUpload | None,
+             editor: dict | None, mask_file: str | None, publish: bool, reviewed: bool, *fields: str) -> tuple:  # fmt: skip
+        """Create (case_id None) or replace a case from the form; returns (status, case menu)."""
+        if upload is None:
+            raise gr.Error("Read an image first.")
+        if publish and upload.needs_review and not reviewed:
+            raise gr.Error(
+                "This image may contain burned-in text: confirm you checked the pixels, or save unpublished."
+            )
+        mask = self._reference_mask(editor, mask_file, upload.rgb.shape[:2])
+        draft = self._call(build_draft, CaseForm(*fields), upload, mask, published=publish)
+        if case_id is None:
+            record = self._call(self.store.create_case, session, draft)
+            return f"Created case #{record.id} ({record.summary.slug}).", self.case_menu(session)
+        record = self._call(self.store.update_case, session, int(case_id), draft)
+        return f"Saved case #{record.id}.", self.case_menu(session)
+
+    def save_changes(self, session: InstructorSession | None, case_id: int | None, *args: Any) -> tuple:
+        """Replace the case loaded with "Edit in the form"."""
+        if case_id is None:
+            raise gr.Error("Load a case with 'Edit in the form' first, or use 'Save as new case'.")
+        return self.save(session, case_id, *args)
+
+    def load(self, session: InstructorSession | None, case_id: int | None) -> tuple:
+        if not self.store.is_instructor(session):
+            raise gr.Error("Log in as an instructor first.")
+        if case_id is None:
+            raise gr.Error("Pick a case first.")
+        case = self._call(self.store.get_case, int(case_id), session)
+        image = case.images[0]
+        first = image.masks[0].array() if image.masks else np.zeros((image.height, image.width), bool)
+        layer = np.zeros((*first.shape, 4), np.uint8)
+        layer[first] = (230, 159, 0, 255)
+        upload = LoadedUpload(
+            image.rgb(), image.spacing_mm, case.summary.modality, False, "Loaded from the library."
+        )
+        editor = {"background": upload.rgb, "layers": [layer], "composite": upload.rgb}
+        return (upload, editor, upload.note, case.id, *map(str, vars(form_from_case(case)).values()))
+
+    def set_published(self, session: InstructorSession | None, case_id: int | None, published: bool) -> tuple:
+        if case_id is None:
+            raise gr.Error("Pick a case first.")
+        summary = self._call(self.store.set_published, session, int(case_id), published)
+        state = "published" if summary.published else "unpublished"
+        return f"Case #{summary.id} is now {state}.", self.case_menu(session)
+
+    def delete(self, session: InstructorSession | None, case_id: int | None) -> tuple:
+        if case_id is None:
+            raise gr.Error("Pick a case first.")
+        self._call(self.store.delete_case, session, int(case_id))
+        return f"Deleted case #{case_id}.", self.case_menu(session)
+
+    def export_csv(self, session: InstructorSession | None) -> str:
+        text = self._call(self.store.attempts_csv, session)
+        path = Path(tempfile.mkdtemp(prefix="medplib-results-")) / "quiz_results.csv"
+        path.write_text(text, encoding="utf-8")
+        return str(path)
+
+    @staticmethod
+    def _reference_mask(editor: dict | None, mask_file: str | None, size: tuple[int, int]) -> np.ndarray:
+        if mask_file:
+            mask = InstructorHandlers._call(decode_mask, Path(mask_file).read_bytes())
+            if mask.shape != size:
+                raise gr.Error(f"The mask file is {mask.shape[::-1]} pixels but the image is {size[::-1]}.")
+            return mask
+        drawn = drawn_mask(editor, size)
+        if drawn is None or not drawn.any():
+            raise gr.Error("Draw the reference mask with the brush, or upload a mask PNG.")
+        return drawn
+
+    @staticmethod
+    def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (CaseStoreError, OSError) as error:
+            raise gr.Error(str(error)) from error
+
+
+def _form_fields() -> list[Any]:
+    with gr.Row():
+        title = gr.Textbox(label="Title (the diagnosis or structure)")
+        modality = gr.Textbox(label="Modality")
+        anatomy = gr.Textbox(label="Anatomy")
+        plane = gr.Dropdown(
+            [*PLANES, "en face", "coronal projection"], value="axial", label="Plane", allow_custom_value=True
+        )
+        difficulty = gr.Dropdown(list(DIFFICULTIES), value=DIFFICULTIES[0], label="Training level")
+    vignette = gr.Textbox(label="Clinical vignette", lines=2)
+    findings = gr.Textbox(label="Findings", lines=3)
+    discussion = gr.Textbox(label="Discussion", lines=4)
+    key_points = gr.Textbox(label="Key learning points (one per line)", lines=3)
+    with gr.Row():
+        tags = gr.Textbox(label="Tags (comma-separated)")
+        source = gr.Textbox(label="Source")
+        licence = gr.Textbox(label="Licence")
+    provenance = gr.Textbox(label="Provenance (who made the image and the mask, how)", lines=2)
+    mask_label = gr.Textbox(label="Reference mask label (e.g. liver lesion)")
+    with gr.Row():
+        closed_prompt = gr.Textbox(label="Closed question")
+        closed_choices = gr.Textbox(label="Choices (comma-separated)")
+        closed_answer = gr.Textbox(label="Correct choice")
+    with gr.Row():
+        open_prompt = gr.Textbox(label="Open question")
+        open_answer = gr.Textbox(label="Reference answer")
+        open_synonyms = gr.Textbox(label="Accepted synonyms (comma-separated)")
+    return [title, modality, anatomy, plane, difficulty, vignette, findings, discussion, key_points, tags, source,
+            provenance, licence, mask_label, closed_prompt, closed_choices, closed_answer, open_prompt, open_answer,
+            open_synonyms]  # fmt: skip
+
+
+def build_instructor_tab(ctx: Any) -> None:
+    """Instructor UI inside the current gr.Tab."""
+    if ctx.store is None:
+        gr.Markdown(NO_STORE)
+        return
+    h = InstructorHandlers(ctx.store)
+    session, upload, editing = gr.State(None), gr.State(None), gr.State(None)
+    with gr.Row():
+        username = gr.Textbox(label="Instructor", elem_id="instructor-user")
+        password = gr.Textbox(label="Password", type="password", elem_id="instructor-password")
+        login, logout = gr.Button("Log in", variant="primary"), gr.Button("Log out")
+    status = gr.Markdown(LOGGED_OUT)
+    with gr.Accordion("Library cases", open=True):
+        menu = gr.Dropdown([], label="Case (unpublished included)")
+        with gr.Row():
+            load, publish_btn, unpublish_btn = (
+                gr.Button("Edit in the form"),
+                gr.Button("Publish"),
+                gr.Button("Unpublish"),
+            )
+            delete, export = gr.Button("Delete", variant="stop"), gr.Button("Export quiz results (CSV)")
+        csv_file = gr.File(label="Quiz results", interactive=False)
+    with gr.Accordion("New case / edit", open=True):
+        with gr.Row():
+            file = gr.File(
+                label="Image: PNG, JPEG, DICOM or NIfTI",
+                file_types=[".png", ".jpg", ".jpeg", ".dcm", ".nii", ".gz"],
+            )
+            plane_in = gr.Dropdown(list(PLANES), value="axial", label="NIfTI plane")
+            index = gr.Number(value=0, precision=0, label="Frame / slice")
+            preset = gr.Dropdown(["", "soft tissue", "lung", "liver", "bone", "brain", "auto contrast"], value="",
+                                 label="CT window (blank = default)")  # fmt: skip
+            read = gr.Button("Read image")
+        note = gr.Markdown()
+        editor = gr.ImageEditor(type="numpy", label="Draw the reference mask", sources=(), transforms=(), format="png",
+                                brush=gr.Brush(colors=[BRUSH_COLOR], color_mode="fixed", default_size=8),
+                                layers=gr.LayerOptions(allow_additional_layers=False, layers=["mask"]), height=420)  # fmt: skip
+        mask_file = gr.File(
+            label="…or upload the reference mask (PNG, image size, non-zero = inside)", file_types=[".png"]
+        )
+        fields = _form_fields()
+        with gr.Row():
+            publish = gr.Checkbox(label="Publish now")
+            reviewed = gr.Checkbox(label="I checked the pixels for burned-in names, dates or IDs")
+            save_new, save_edit = (
+                gr.Button("Save as new case", variant="primary"),
+                gr.Button("Save changes to the edited case"),
+            )
+    login.click(h.login, [username, password], [session, status, password, menu])
+    logout.click(h.logout, session, [session, status, menu])
+    read.click(h.read, [file, plane_in, index, preset], [upload, editor, note])
+    common = [upload, editor, mask_file, publish, reviewed, *fields]
+    save_new.click(lambda s, *a: h.save(s, None, *a), [session, *common], [status, menu])
+    save_edit.click(h.save_changes, [session, editing, *common], [status, menu])
+    load.click(h.load, [session, menu], [upload, editor, note, editing, *fields])
+    publish_btn.click(lambda s, c: h.set_published(s, c, True), [session, menu], [status, menu])
+    unpublish_btn.click(lambda s, c: h.set_published(s, c, False), [session, menu], [status, menu])
+    delete.click(h.delete, [session, menu], [status, menu])
+    export.click(h.export_csv, session, csv_file)
