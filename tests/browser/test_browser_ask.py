@@ -1,0 +1,111 @@
+"""The Ask tab in a real headless Chromium: upload, click a point, draw a sketch, ask, segment, screenshot.
+
+Needs Debian's `chromium` and the `playwright` package (no `playwright install`); skipped without them.
+The screenshot goes to docs/screenshots/ask_tab.png (shown in the README) and test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/portal_helpers.py
+from portal_helpers import REPO, load_test_engine, portal_context  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def portal_url():
+    from portal.app import build_app, launch_kwargs
+
+    ctx = portal_context(load_test_engine(), max_new_tokens=12)
+    demo = build_app(ctx)
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs(ctx.settings))
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(portal_url):
+    if CHROMIUM is None:
+        pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(portal_url)
+        yield page
+        browser.close()
+
+
+def _drag(page, box: dict, start: tuple[float, float], end: tuple[float, float], steps: int = 12) -> None:
+    page.mouse.move(box["x"] + start[0] * box["width"], box["y"] + start[1] * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + end[0] * box["width"], box["y"] + end[1] * box["height"], steps=steps)
+    page.mouse.up()
+
+
+def test_upload_mark_ask_and_see_the_mask(page):
+    from pydicom.data import get_testdata_file
+
+    page.get_by_text("not for clinical use").first.wait_for()
+    page.locator("#ask-upload input[type=file]").set_input_files(get_testdata_file("examples_overlay.dcm"))
+    page.locator("#ask-info").get_by_text("MR").wait_for()
+    preview = page.locator("#ask-preview img")
+    preview.wait_for()
+
+    page.locator("#ask-tool").get_by_text("Point", exact=True).click()
+    preview.click(
+        position={"x": preview.bounding_box()["width"] * 0.6, "y": preview.bounding_box()["height"] * 0.5}
+    )
+    page.locator("#ask-mark-note").get_by_text("Active region: point").wait_for()
+
+    page.locator("#ask-tool").get_by_text("Sketch", exact=True).click()
+    canvas = page.locator("#ask-sketch canvas").first
+    canvas.wait_for()
+    _drag(page, canvas.bounding_box(), (0.45, 0.45), (0.6, 0.55))
+
+    page.locator("#ask-question textarea").fill("What is in the marked region?")
+    page.locator("#ask-button").click()
+    chat = page.locator("#ask-chat")
+    chat.get_by_text("<region>").first.wait_for()  # the sketch reached the server as the question's region
+    page.wait_for_function(
+        "() => document.querySelectorAll('#ask-chat .message-row, #ask-chat [data-testid=\"bot\"]').length >= 2"
+    )
+
+    page.locator("#ask-question textarea").fill("Please segment the lesion in this image.")
+    page.locator("#segment-button").click()
+    chat.get_by_text("Please segment the lesion in this image.").wait_for()
+    page.wait_for_function(  # the forced <SEG> answer has finished streaming: its mask note is shown
+        "() => (document.querySelector('#ask-chat').innerText.split('segment the lesion')[1] || '')"
+        ".includes('mask:')"
+    )
+    page.locator("#ask-overlay img").wait_for()
+    page.locator("#ask-area").get_by_text("pixels").wait_for()
+    page.wait_for_timeout(500)  # let the overlay image paint before the screenshot
+
+    shot = page.screenshot(full_page=True)
+    for folder in (REPO / "docs" / "screenshots", REPO / "test-artifacts"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "ask_tab.png").write_bytes(shot)
+    assert len(shot) > 10_000
