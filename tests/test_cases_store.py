@@ -242,3 +242,45 @@ def test_default_path_is_relative_var_folder() -> None:
     from cases import DEFAULT_DB_PATH
 
     assert Path("var") / "medplib_cases.sqlite" == DEFAULT_DB_PATH
+
+
+def test_savepoint_rollback_inside_a_transaction_works(tmp_path: Path) -> None:
+    """Pins the Python 3.11 sqlite3 legacy-transaction bug: without our BEGIN hook SAVEPOINT misbehaves."""
+    store = CaseStore(str(tmp_path / "sp.sqlite"), seed_starter=False)
+    with store.engine.begin() as connection:
+        connection.execute(
+            text(
+                "insert into instructors (username, password_hash, created_at) values ('a', 'x', '2026-01-01')"
+            )
+        )
+        nested = connection.begin_nested()
+        connection.execute(
+            text(
+                "insert into instructors (username, password_hash, created_at) values ('b', 'x', '2026-01-01')"
+            )
+        )
+        nested.rollback()
+    with store.engine.connect() as connection:
+        assert connection.execute(text("select username from instructors")).scalars().all() == ["a"]
+
+
+def _write_attempts(args: tuple[str, int, int]) -> int:
+    url, question_id, n = args
+    store = CaseStore(url, seed_starter=False)
+    for i in range(n):
+        store.record_attempt(question_id, f"proc-{i % 7}", "yes")
+    store.close()
+    return n
+
+
+def test_concurrent_writer_processes_lose_nothing(tmp_path: Path) -> None:
+    import multiprocessing
+
+    url = str(tmp_path / "busy.sqlite")
+    store = CaseStore(url, seed_starter=False)
+    case = store.create_case(store.operator_session(), sample_draft())
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        written = sum(pool.map(_write_attempts, [(url, case.questions[0].id, 50)] * 4))
+    assert written == 200 == len(store.all_attempts(store.operator_session()))
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
