@@ -74,7 +74,7 @@ def build_app(ctx: PortalContext) -> gr.Blocks:
                     continue
                 with gr.Tab(title):
                     builder(ctx)
-    demo.queue(max_size=settings.queue_max_size, default_concurrency_limit=settings.model_concurrency_limit)
+    demo.queue(max_size=settings.queue_max_size, default_concurrency_limit=settings.ui_concurrency_limit)
     return demo
 
 

@@ -167,10 +167,7 @@ def prepare_question(question: str | None, has_region: bool, max_chars: int) -> 
     if len(text) > max_chars:
         raise UserInputError(texts.ERR_LONG_QUESTION.format(n=len(text), limit=max_chars))
     if texts.REGION_TOKEN in text and not has_region:
-        raise UserInputError(
-            f"The question contains {texts.REGION_TOKEN} but no region is marked. Mark a point, box or "
-            f"sketch, or remove {texts.REGION_TOKEN}."
-        )
+        raise UserInputError(texts.ERR_REGION_TAG)
     if has_region and texts.REGION_TOKEN not in text:
         text = f"{text} {texts.REGION_TOKEN}"
     return text
@@ -239,7 +236,7 @@ def record(session: AskSession, model_info: Any, created: str) -> dict[str, Any]
     """The JSON record of the last answer: prompt, answer, model and parameters (no file names)."""
     answer, image = session.answer, session.image
     if answer is None or image is None or session.rgb is None:
-        raise UserInputError("There is no answer to save yet.")
+        raise UserInputError(texts.ERR_NO_ANSWER)
     return {
         "created_utc": created,
         "question": session.last_question,

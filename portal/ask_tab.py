@@ -86,7 +86,7 @@ class AskHandlers:
     def click(self, session: AskSession, tool: str, evt: gr.SelectData) -> tuple:
         """A click on the image: evt.index is [x, y] in image pixels."""
         if tool not in ("Point", "Box"):
-            return session, gr.skip(), f"Choose the Point or Box tool to mark a region (now: {tool})."
+            return session, gr.skip(), texts.NOTE_PICK_TOOL.format(tool=tool)
         x, y = (int(v) for v in evt.index[:2])
         try:
             session = steps.click(session, tool, x, y)
@@ -108,8 +108,9 @@ class AskHandlers:
             return texts.NOTE_FIRST_CORNER.format(x=session.marks.pending[0], y=session.marks.pending[1])
         mark = session.marks.active
         if mark is None:
-            return "No region marked."
-        return f"Active region: {mark.kind} at {list(mark.xyxy) if mark.kind == 'box' else list(mark.point)}"
+            return texts.NOTE_NO_MARK
+        where = list(mark.xyxy) if mark.kind == "box" else list(mark.point)
+        return texts.NOTE_ACTIVE_MARK.format(kind=mark.kind, where=where)
 
     @staticmethod
     def choose_tool(tool: str) -> tuple:
@@ -336,7 +337,7 @@ def _region_controls() -> dict[str, Any]:
     with gr.Row():
         c["undo"] = gr.Button(texts.UNDO_BUTTON, size="sm")
         c["clear"] = gr.Button(texts.CLEAR_BUTTON, size="sm")
-    c["note"] = gr.Markdown("No region marked.", elem_id="ask-mark-note")
+    c["note"] = gr.Markdown(texts.NOTE_NO_MARK, elem_id="ask-mark-note")
     return c
 
 

@@ -16,6 +16,7 @@ class PortalSettings:
     max_file_size: str = texts.MAX_FILE_SIZE
     queue_max_size: int = texts.QUEUE_MAX_SIZE
     model_concurrency_limit: int = texts.MODEL_CONCURRENCY_LIMIT
+    ui_concurrency_limit: int = texts.UI_CONCURRENCY_LIMIT
     delete_cache: tuple[int, int] = texts.DELETE_CACHE
     max_question_chars: int = texts.MAX_QUESTION_CHARS
     max_new_tokens: int = texts.MAX_NEW_TOKENS
@@ -23,8 +24,8 @@ class PortalSettings:
     blocked_paths: tuple[str, ...] = ()  # e.g. the SQLite database folder
 
     def __post_init__(self) -> None:
-        if self.queue_max_size < 1 or self.model_concurrency_limit < 1:
-            raise ValueError("queue_max_size and model_concurrency_limit must be at least 1")
+        if min(self.queue_max_size, self.model_concurrency_limit, self.ui_concurrency_limit) < 1:
+            raise ValueError("queue_max_size and the concurrency limits must be at least 1")
         if self.max_new_tokens < 1 or self.max_question_chars < 1:
             raise ValueError("max_new_tokens and max_question_chars must be at least 1")
 

@@ -7,6 +7,7 @@ MAX_FILE_SIZE = "100mb"  # gradio launch(max_file_size=...): uploads above this 
 QUEUE_MAX_SIZE = 20  # users waiting for the model beyond this get "queue is full"
 MODEL_CONCURRENCY_ID = "model"  # every event that runs the model shares this queue
 MODEL_CONCURRENCY_LIMIT = 1  # one generation at a time on one device
+UI_CONCURRENCY_LIMIT = 4  # other events (reading uploads, redrawing overlays), per event
 DELETE_CACHE = (3600, 3600)  # gradio cache sweep: every hour, files older than an hour
 MAX_QUESTION_CHARS = 2000
 MAX_NEW_TOKENS = 256  # answers in the portal; the engine's own cap is higher
@@ -92,4 +93,11 @@ ERR_NO_MARK = (
 ERR_HALF_BOX = "The box has only one corner. Click the opposite corner, or press Undo."
 ERR_SKETCH_SIZE = "The sketch does not match the image size; clear it and draw again."
 ERR_MODEL = "The model failed on this request ({kind}). Try again; if it keeps failing, try a smaller image."
+ERR_REGION_TAG = (
+    "The question contains <region> but no region is marked. Mark a point, box or sketch, or remove <region>."
+)
+ERR_NO_ANSWER = "There is no answer to save yet."
+NOTE_NO_MARK = "No region marked."
+NOTE_ACTIVE_MARK = "Active region: {kind} at {where}"
+NOTE_PICK_TOOL = "Choose the Point or Box tool to mark a region (now: {tool})."
 NOTE_FIRST_CORNER = "First corner set at ({x}, {y}); click the opposite corner."
