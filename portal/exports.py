@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +68,33 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+EXPORT_ROOT_NAME = "medplib-portal-exports"
+EXPORT_MAX_AGE_S = 3600  # answer folders older than this are removed when new ones are written
+
+
 def write_downloads(
     record: dict[str, Any], mask: np.ndarray | None, image: LoadedImage, plane: str, index: int
 ) -> list[str]:
-    """Write record.json (+ mask.png and mask.nii.gz when there is a mask) to a fresh temp folder."""
-    folder = Path(tempfile.mkdtemp(prefix="medplib-answer-"))
+    """Write record.json (+ mask.png and mask.nii.gz when there is a mask) to a fresh temp folder.
+
+    Gradio copies the files into its own cache (swept by delete_cache); our folders older than an hour go.
+    """
+    root = Path(tempfile.gettempdir()) / EXPORT_ROOT_NAME
+    root.mkdir(exist_ok=True)
+    prune_exports(root, EXPORT_MAX_AGE_S)
+    folder = Path(tempfile.mkdtemp(prefix="answer-", dir=root))
     paths = [record_json(record, folder)]
     if mask is not None:
         paths = [mask_png(mask, folder), mask_nifti(mask, image, plane, index, folder), *paths]
     return [str(p) for p in paths]
+
+
+def prune_exports(root: Path, max_age_s: float) -> None:
+    """Delete answer folders under root whose last change is older than max_age_s seconds."""
+    cutoff = time.time() - max_age_s
+    for folder in root.glob("answer-*"):
+        if folder.is_dir() and folder.stat().st_mtime < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def utc_now() -> str:

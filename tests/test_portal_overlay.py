@@ -81,3 +81,18 @@ def test_routing_figure_has_layers_by_tokens():
     assert expert_shares(experts, 2) == [pytest.approx(1 / 3), pytest.approx(2 / 3)]
     with pytest.raises(ValueError, match="token labels"):
         routing_figure(experts, ["a"], n_experts=2)
+
+
+def test_old_answer_folders_are_pruned(tmp_path):
+    import os
+    import time
+
+    from portal.exports import prune_exports
+
+    old, new = tmp_path / "answer-old", tmp_path / "answer-new"
+    for folder in (old, new):
+        folder.mkdir()
+        (folder / "mask.png").write_bytes(b"x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    prune_exports(tmp_path, 3600)
+    assert not old.exists() and new.exists()
