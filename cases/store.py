@@ -44,6 +44,8 @@ from cases.scoring import answer_matches, overlap
 log = logging.getLogger(__name__)
 
 SESSION_LIFETIME = dt.timedelta(hours=8)
+MAX_FAILED_LOGINS = 5  # per username within LOGIN_LOCKOUT; then logins are refused until it passes
+LOGIN_LOCKOUT = dt.timedelta(minutes=15)
 STUDENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 OPERATOR_USERNAME = "operator (local)"
 
@@ -63,6 +65,7 @@ class CaseStore:
             self.engine.execution_options(**{IMMEDIATE_OPTION: True}), expire_on_commit=False
         )
         self._sessions: dict[str, InstructorSession] = {}
+        self._failed_logins: dict[str, list[dt.datetime]] = {}
         self._lock = threading.Lock()
         was_empty = current_revision(self.engine) is None
         upgrade_schema(self.engine)
@@ -106,13 +109,29 @@ class CaseStore:
             raise InvalidCaseData(f"instructor {username!r} already exists") from error
 
     def login(self, username: str, password: str) -> InstructorSession:
-        """Check a password (constant-time) and return a session; PermissionDenied when wrong."""
+        """Check a password (constant-time) and return a session; PermissionDenied when wrong.
+
+        After MAX_FAILED_LOGINS failures for one username within LOGIN_LOCKOUT, logins are refused.
+        """
+        self._check_lockout(username)
         with self._reading() as db:
             row = db.scalar(select(Instructor).where(Instructor.username == username))
             stored = row.password_hash if row is not None else None
         if stored is None or not verify_password(password, stored):
+            with self._lock:
+                self._failed_logins.setdefault(username, []).append(utc_now())
             raise PermissionDenied("wrong instructor username or password")
+        with self._lock:
+            self._failed_logins.pop(username, None)
         return self._issue(username)
+
+    def _check_lockout(self, username: str) -> None:
+        since = utc_now() - LOGIN_LOCKOUT
+        with self._lock:
+            recent = [t for t in self._failed_logins.get(username, []) if t > since]
+            self._failed_logins[username] = recent
+        if len(recent) >= MAX_FAILED_LOGINS:
+            raise PermissionDenied(f"too many failed logins for {username!r}; try again in 15 minutes")
 
     def operator_session(self) -> InstructorSession:
         """A session for trusted local tools (CLI, seeding). The web portal must never call this."""

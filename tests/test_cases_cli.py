@@ -92,3 +92,14 @@ def test_module_entry_point_runs_in_a_subprocess(db: str) -> None:
     done = subprocess.run([sys.executable, "-m", "cases", "--db", db, "list"], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=120)  # fmt: skip
     assert done.returncode == 0 and "2 cases" in done.stdout
+
+
+def test_cases_package_never_imports_torch_or_gradio() -> None:
+    """cases/ sits below the portal and beside the engine: importing it must not pull in either."""
+    code = (
+        "import sys, cases, cases.cli, cases.deid, cases.archive, cases.starter, cases.precompute; "
+        "bad = [m for m in ('torch', 'gradio') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -148,6 +148,11 @@ def test_login_logout_and_password_check(store: CaseStore, operator) -> None:
     store.logout(session)
     with pytest.raises(PermissionDenied):
         store.create_case(session, sample_draft("after logout"))
+    for _ in range(5):
+        with pytest.raises(PermissionDenied, match="wrong"):
+            store.login("teacher", "guessing123")
+    with pytest.raises(PermissionDenied, match="too many failed logins"):
+        store.login("teacher", PASSWORD)  # locked out even with the right password
 
 
 def test_quiz_attempt_scores_dice_and_iou(store: CaseStore, operator) -> None:
