@@ -23,6 +23,17 @@ def load_test_engine():
     return load_engine(str(GOLDEN), device="cpu") if GOLDEN.is_dir() else load_engine(device="cpu")
 
 
+def load_screenshot_engine():
+    """The shipped small model when it is present (readable answers for the README screenshot), else golden."""
+    from engine import load_engine
+    from engine.loading import ModelNotFoundError
+
+    try:
+        return load_engine(device="cpu")
+    except ModelNotFoundError:
+        return load_test_engine()
+
+
 def portal_context(engine, **settings):
     """A PortalContext with short answers (fast tests) and the bundled examples when present."""
     from portal.context import PortalContext, PortalSettings

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/portal_helpers.py
-from portal_helpers import REPO, load_test_engine, portal_context  # noqa: E402
+from portal_helpers import REPO, load_screenshot_engine, portal_context  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -35,7 +35,7 @@ TIMEOUT_MS = 30_000
 def portal_url():
     from portal.app import build_app, launch_kwargs
 
-    ctx = portal_context(load_test_engine(), max_new_tokens=12)
+    ctx = portal_context(load_screenshot_engine(), max_new_tokens=24)
     demo = build_app(ctx)
     demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs(ctx.settings))
     try:
