@@ -15,9 +15,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/portal_helpers.py
 from portal_helpers import REPO, load_screenshot_engine, portal_context  # noqa: E402
 
-pytestmark = pytest.mark.browser
-
 CHROMIUM = shutil.which("chromium")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="Debian chromium is not installed (apt-get install -y chromium)"
+    ),
+]
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="pip install playwright (no `playwright install`)"
+)
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -46,9 +53,6 @@ def portal_url():
 
 @pytest.fixture(scope="module")
 def page(portal_url):
-    if CHROMIUM is None:
-        pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1300})
