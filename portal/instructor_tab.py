@@ -9,6 +9,7 @@ checked. Every action goes through `CaseStore` methods that refuse sessions not 
 
 from __future__ import annotations
 
+import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,17 @@ from cases import (
 from cases.deid import deidentify_bytes, strip_image_metadata
 from cases.imaging import MAX_UPLOAD_BYTES, decode_mask
 from cases.records import DIFFICULTIES
-from portal.library_tab import NO_STORE
+from portal.library_tab import NO_STORE, temp_file
 from portal.quiz_tab import BRUSH_COLOR, drawn_mask
 
 PLANES = ("axial", "coronal", "sagittal")
 LOGGED_OUT = "Not logged in. Instructor accounts are created with `python -m cases add-instructor NAME`."
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+EXPORT_DIR = Path(tempfile.gettempdir()) / "medplib-portal-exports"
+EDIT_WARNING = (
+    "Saving changes replaces the case's images, masks and questions: quiz attempts and cached model answers "
+    "of the old questions are deleted. Export the quiz results first if you need them."
+)
 
 
 @dataclass(frozen=True)
@@ -254,7 +260,7 @@ class InstructorHandlers:
 
     def export_csv(self, session: InstructorSession | None) -> str:
         text = self._call(self.store.attempts_csv, session)
-        path = Path(tempfile.mkdtemp(prefix="medplib-results-")) / "quiz_results.csv"
+        path = temp_file(EXPORT_DIR, f"quiz_results_{secrets.token_hex(4)}.csv")
         path.write_text(text, encoding="utf-8")
         return str(path)
 

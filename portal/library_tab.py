@@ -8,6 +8,7 @@ the `gr.State` returned by `build_library_tab` for the app to wire to the Ask ta
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ NO_MATCH = "No published case matches these filters."
 ASK_HINT = "Open the **Ask** tab and load this image file; the suggested question is below."
 REFERENCE_COLOR = texts.MASK_COLORS["bluish green"]
 MASK_PALETTE = tuple(texts.MASK_COLORS.values())
+HANDOFF_DIR = Path(tempfile.gettempdir()) / "medplib-portal-library"  # one PNG per case, overwritten
+EXPORT_MAX_AGE_S = 3600  # temp exports (CSV) older than this are deleted on the next export
 DISPLAY_WINDOWS = {  # display-only contrast on the stored 8-bit image: (width, level) in grey values
     "as stored": (256.0, 127.5),
     "narrow (more contrast)": (128.0, 127.5),
@@ -43,14 +46,23 @@ class AskHandoff:
     spacing_mm: tuple[float, float] | None
 
 
-def ask_handoff(store: CaseStore, case_id: int, folder: Path | None = None) -> AskHandoff:
-    """Write the case's first image to a PNG in `folder` (default: a new temp dir) for the Ask tab.
+def temp_file(folder: Path, name: str, max_age_s: float = EXPORT_MAX_AGE_S) -> Path:
+    """`folder/name` in a private temp folder; files there older than `max_age_s` are deleted first."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    now = time.time()
+    for old in folder.iterdir():
+        if old.is_file() and now - old.stat().st_mtime > max_age_s:
+            old.unlink(missing_ok=True)
+    return folder / name
+
+
+def ask_handoff(store: CaseStore, case_id: int, folder: Path = HANDOFF_DIR) -> AskHandoff:
+    """Write the case's first image to `folder/case-<id>.png` (published cases only) for the Ask tab.
 
     The suggested question is the case's segmentation prompt (MedPLIB style), else its first question.
     """
     case = store.get_case(case_id)
-    folder = Path(folder or tempfile.mkdtemp(prefix="medplib-case-"))
-    path = folder / f"case-{case.id}.png"
+    path = temp_file(Path(folder), f"case-{case.id}.png")
     path.write_bytes(case.images[0].png)
     seg = [q for q in case.questions if q.kind == "segmentation"]
     question = (seg or list(case.questions))[0].prompt if case.questions else "Describe the image."
