@@ -16,11 +16,12 @@ from typing import Any
 import gradio as gr
 
 from portal import texts
-from portal.ask_tab import build_ask_tab
+from portal.ask_tab import AskTabInputs, build_ask_tab
 from portal.context import PortalContext, PortalSettings
 
 logger = logging.getLogger(__name__)
 
+ASK_TAB_ID = "ask"
 CSS_PATH = Path(__file__).resolve().parents[1] / "static" / "portal.css"
 # (module, builder function, tab title): optional tabs written by other engineers.
 TEACHING_TABS = (
@@ -64,18 +65,33 @@ def build_app(ctx: PortalContext) -> gr.Blocks:
     with gr.Blocks(title=texts.TITLE, analytics_enabled=False, delete_cache=settings.delete_cache) as demo:
         gr.Markdown(f"# {texts.TITLE}")
         gr.Markdown(banner_markdown(ctx.engine.info), elem_id="portal-banner")
-        with gr.Tabs():
-            with gr.Tab(texts.ASK_TAB, id="ask"):
-                build_ask_tab(ctx)
+        with gr.Tabs() as tabs:
+            with gr.Tab(texts.ASK_TAB, id=ASK_TAB_ID):
+                ask_inputs = build_ask_tab(ctx)
             for module_name, function_name, title in TEACHING_TABS:
                 builder = optional_tab_builder(module_name, function_name)
                 if builder is None:
                     logger.info("tab %r not built: %s is not installed", title, module_name)
                     continue
                 with gr.Tab(title):
-                    builder(ctx)
+                    returned = builder(ctx)
+                if isinstance(returned, gr.State):  # the case library's hand-off to the Ask tab
+                    wire_handoff(returned, ask_inputs, tabs)
     demo.queue(max_size=settings.queue_max_size, default_concurrency_limit=settings.ui_concurrency_limit)
     return demo
+
+
+def open_handoff(handoff: Any) -> tuple:
+    """A library case opened in the Ask tab: its image file, its suggested question, and the tab switch."""
+    if handoff is None:
+        return gr.skip(), gr.skip(), gr.skip()
+    return str(handoff.image_path), handoff.question, gr.Tabs(selected=ASK_TAB_ID)
+
+
+def wire_handoff(handoff: gr.State, ask_inputs: AskTabInputs, tabs: gr.Tabs) -> None:
+    handoff.change(
+        open_handoff, handoff, [ask_inputs.upload, ask_inputs.question, tabs], api_visibility="private"
+    )
 
 
 def launch_kwargs(settings: PortalSettings) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -262,8 +262,16 @@ def example_rows(examples_dir: Path | None, limit: int = MAX_EXAMPLES) -> tuple[
 # ------------------------------------------------------------------------------------------- layout
 
 
-def build_ask_tab(ctx: PortalContext) -> None:
-    """Lay out the Ask tab inside the current `gr.Tab` and wire its events."""
+@dataclass(frozen=True)
+class AskTabInputs:
+    """Components other tabs may fill (e.g. the case library's "Open in the Ask tab")."""
+
+    upload: gr.File
+    question: gr.Textbox
+
+
+def build_ask_tab(ctx: PortalContext) -> AskTabInputs:
+    """Lay out the Ask tab inside the current `gr.Tab`, wire its events, return its fillable inputs."""
     h = AskHandlers(ctx)
     session = gr.State(AskSession())
     with gr.Row():
@@ -298,6 +306,7 @@ def build_ask_tab(ctx: PortalContext) -> None:
     )
     _wire_regions(h, session, region)
     _wire_talk(ctx, h, session, region, talk)
+    return AskTabInputs(upload=view["upload"], question=talk["question"])
 
 
 def _image_controls(ctx: PortalContext) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from portal_helpers import REPO, load_test_engine, portal_context
 from pydicom.data import get_testdata_file
 
 from portal import texts
-from portal.app import banner_markdown, build_app, launch_kwargs, optional_tab_builder
+from portal.app import TEACHING_TABS, banner_markdown, build_app, launch_kwargs, optional_tab_builder
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,23 @@ def test_app_entry_point_arguments():
         url = "sqlite:///var/cases.sqlite"
 
     assert app.blocked_paths(Store()) == (str((Path("var")).resolve()),)
+
+
+def test_library_handoff_fills_the_ask_tab(tmp_path):
+    from types import SimpleNamespace
+
+    from portal.app import open_handoff
+
+    handoff = SimpleNamespace(image_path=tmp_path / "case-3.png", question="Please segment the liver.")
+    upload, question, tabs = open_handoff(handoff)
+    assert upload == str(tmp_path / "case-3.png") and question == "Please segment the liver."
+    assert tabs.selected == "ask"
+    assert all(isinstance(out, dict) and out.get("__type__") == "update" for out in open_handoff(None))
+
+
+def test_app_composes_the_teaching_tabs_that_exist(engine):
+    demo = build_app(portal_context(engine))
+    titles = [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
+    assert titles[0] == texts.ASK_TAB
+    expected = [title for module, fn, title in TEACHING_TABS if optional_tab_builder(module, fn) is not None]
+    assert titles[1:] == expected
