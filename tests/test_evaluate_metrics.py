@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -106,3 +107,30 @@ def test_summary_splits_subsets_and_modalities() -> None:
     assert m["closed_accuracy"] == 0.5 and m["region_accuracy"] == 0.5
     assert m["open_recall"] == m["open_f1"] == m["bleu1"] == 1.0
     assert m["n"] == {"grounding": 3, "closed": 2, "open": 1, "region": 2, "total": 8, "refused": 0}
+
+
+REQUIRED_KEYS = {"mDice", "mIoU", "mDice_per_modality", "closed_accuracy", "region_accuracy", "open_recall",
+                 "open_f1", "bleu1", "n", "expert_share"}
+
+
+def test_evaluate_cli_json_contract_with_any_model(tiny_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+    """A random tiny checkpoint still yields the full JSON record (its scores are meaningless)."""
+    from engine.cli import main
+
+    subset = Path(__file__).resolve().parents[1] / "assets" / "medimages" / "ci_subset.json"
+    code = main(["evaluate", "--model", str(tiny_checkpoint), "--data", str(subset), "--limit", "6",
+                 "--max-new-tokens", "3", "--json"])
+    assert code == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(metrics) >= REQUIRED_KEYS
+    assert metrics["n"]["total"] == 6
+    for kind in metrics["expert_share"].values():
+        for layer in kind["all"]:
+            assert sum(layer) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_evaluate_cli_missing_data_is_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from engine.cli import main
+
+    assert main(["evaluate", "--data", str(tmp_path / "nope.json"), "--json"]) == 2
+    assert "data file not found" in capsys.readouterr().err

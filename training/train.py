@@ -45,8 +45,16 @@ from engine.modeling.medplib import MedPLIBModel
 from engine.modeling.moe import Top1MoE
 from engine.modeling.sam_med2d import SamMed2DConfig
 from engine.presets import write_checkpoint
-from engine.processing import clip_preprocess, pool_region, postprocess_masks, region_grid, sam_preprocess
+from engine.processing import (
+    MASK_THRESHOLD,
+    clip_preprocess,
+    pool_region,
+    postprocess_masks,
+    region_grid,
+    sam_preprocess,
+)
 from engine.tokenizer import MedPLIBTokenizer, save_tokenizer_folder
+from training.corpus import SEED as CORPUS_SEED
 from training.corpus import build_corpus
 from training.tokenizer_train import corpus_lines, train_sentencepiece
 
@@ -70,15 +78,16 @@ class TrainConfig:
     clip_layers: int = 3  # select layer -2: the last CLIP layer is never used (as in MedPLIB)
     sam_embed: int = 96
     sam_prompt: int = 64
-    steps: tuple[int, int, int] = (700, 700, 900)
+    steps: tuple[int, int, int] = (500, 900, 700)
+    corpus_draws: int = 5  # train on the union of this many corpus draws (other templates / regions / labels)
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: tuple[float, float, float] = (2e-3, 2e-3, 1e-3)
     warmup: int = 50
     grounding_share: float = 0.5  # stage 3: share of grounding samples in a batch
     bce_weight: float = 2.0
     dice_weight: float = 1.0
     router_weight: float = 0.1
-    evals: int = 3  # val evaluations during stage 3 (the best is kept)
+    evals: int = 2  # val evaluations during stage 3 (the best is kept)
     seed: int = SEED
 
     def model_config(self, vocab_size: int) -> MedPLIBConfig:
@@ -105,6 +114,7 @@ class Example:
     """One sample with its arrays loaded: image (H, W, 3) uint8, region / gt (H, W) bool or None."""
 
     task: str
+    modality: str
     question: str  # `<region>` marks the region, no path, no `<image>`
     answer: str  # `<SEG>` kept, `<mask>path</mask>` dropped
     image: np.ndarray
@@ -127,7 +137,7 @@ def load_examples(samples: list[dict], root: Path) -> list[Example]:
         if s["image"] not in images:
             images[s["image"]] = np.asarray(Image.open(root / s["image"]).convert("RGB"))
         out.append(Example(
-            task=s["task"], question=_REGION_RE.sub("<region>", question).strip(),
+            task=s["task"], modality=s["modality"], question=_REGION_RE.sub("<region>", question).strip(),
             answer=_MASK_RE.sub("", answer).strip(), image=images[s["image"]],
             region=_read_mask(root / region_path.group(1)) if region_path else None,
             gt=_read_mask(root / gt_path.group(1)) if gt_path else None))
@@ -149,7 +159,7 @@ def augment(ex: Example, rng: random.Random) -> Example:
             arrays = cropped
     image = arrays[0].astype(np.float32) / 255.0
     image = np.clip(image ** rng.uniform(0.75, 1.35) * rng.uniform(0.85, 1.15) + rng.uniform(-0.06, 0.06), 0, 1)
-    return Example(task=ex.task, question=ex.question, answer=ex.answer,
+    return Example(task=ex.task, modality=ex.modality, question=ex.question, answer=ex.answer,
                    image=np.ascontiguousarray((image * 255 + 0.5).astype(np.uint8)),
                    region=None if arrays[1] is None else np.ascontiguousarray(arrays[1]),
                    gt=None if arrays[2] is None else np.ascontiguousarray(arrays[2]))
@@ -204,6 +214,12 @@ def encode(tok: MedPLIBTokenizer, ex: Example) -> Encoded:
 class BatchLoss:
     total: torch.Tensor
     parts: dict[str, float] = field(default_factory=dict)
+
+
+# The engine keeps a pixel when sigmoid(logit) > MASK_THRESHOLD (0.1, MedPLIB's evaluation and demo). The mask
+# losses see logit + log(0.9 / 0.1), so a pixel the model finds 50 % likely sits exactly at that threshold
+# instead of being kept down to 10 % (which would grow every mask by its uncertain rim).
+MASK_LOGIT_SHIFT = math.log((1 - MASK_THRESHOLD) / MASK_THRESHOLD)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -274,7 +290,7 @@ def mask_losses(model: MedPLIBModel, tok: MedPLIBTokenizer, batch: list[Example]
         emb = model.seg_embedding(hidden[i, start + answer.index(seg_id)])  # (1, 1, out_dim)
         low, _ = model.sam.decode_with_text(embeddings[j:j + 1], emb)  # (1, 1, 64, 64)
         gt = torch.from_numpy(batch[i].gt.astype(np.float32))
-        logits = postprocess_masks(low, sam_in[j][1], gt.shape, mode="medplib")[0, 0]  # (H, W)
+        logits = postprocess_masks(low, sam_in[j][1], gt.shape, mode="medplib")[0, 0] + MASK_LOGIT_SHIFT  # (H, W)
         bces.append(F.binary_cross_entropy_with_logits(logits, gt))
         dices.append(dice_loss(logits, gt))
     return torch.stack(bces).mean(), torch.stack(dices).mean()
@@ -309,16 +325,27 @@ def stage_pool(stage: str, train: list[Example]) -> tuple[list[Example], list[Ex
     return vqa, ground
 
 
-def sample_batch(vqa: list[Example], ground: list[Example], cfg: TrainConfig, rng: random.Random) -> list[Example]:
+def balance_weights(examples: list[Example]) -> list[float]:
+    """Sampling weights 1 / sqrt(#examples of the same modality and task): rare modalities are seen more often."""
+    counts: dict[tuple[str, str], int] = {}
+    for e in examples:
+        counts[(e.modality, e.task)] = counts.get((e.modality, e.task), 0) + 1
+    return [counts[(e.modality, e.task)] ** -0.5 for e in examples]
+
+
+def sample_batch(vqa: list[Example], ground: list[Example], cfg: TrainConfig, rng: random.Random,
+                 weights: tuple[list[float], list[float]]) -> list[Example]:
     n_ground = len(ground) and (cfg.batch_size if not vqa else round(cfg.batch_size * cfg.grounding_share))
-    picked = rng.sample(ground, n_ground) + rng.sample(vqa, cfg.batch_size - n_ground)
+    picked = rng.choices(ground, weights[1], k=n_ground) if n_ground else []
+    picked += rng.choices(vqa, weights[0], k=cfg.batch_size - n_ground) if vqa else []
     return [augment(ex, rng) for ex in picked]
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(total - cfg.warmup, 1))))
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 5% of `peak`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))))
 
 
 def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingControl,
@@ -327,15 +354,17 @@ def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: R
     """Optimise one stage for `steps` steps; `on_eval(step)` is called `cfg.evals` times in the MoE stage."""
     params = set_trainable(model, stage)
     routing.forced = {"vl_expert": VQA_EXPERT, "grounding_expert": GROUNDING_EXPERT}.get(stage)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    peak = cfg.lr[STAGES.index(stage)]
+    opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=0.0)
     vqa, ground = stage_pool(stage, train)
+    weights = (balance_weights(vqa), balance_weights(ground))
     eval_at = {steps * (k + 1) // cfg.evals - 1 for k in range(cfg.evals)} if on_eval else set()
     model.train()
     bar = tqdm(range(steps), desc=f"stage {STAGES.index(stage) + 1} {stage}", dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, cfg)
-        loss = batch_loss(model, tok, routing, sample_batch(vqa, ground, cfg, rng), cfg)
+            group["lr"] = lr_at(step, steps, peak, cfg.warmup)
+        loss = batch_loss(model, tok, routing, sample_batch(vqa, ground, cfg, rng, weights), cfg)
         opt.zero_grad(set_to_none=True)
         loss.total.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -369,6 +398,7 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig) -> dict:
     t0 = time.perf_counter()
     corpus = build_corpus(assets)
     splits = {s: [x for task in corpus[s].values() for x in task] for s in corpus}
+    splits["train"] = train_draws(assets, cfg.corpus_draws)
     work = Path(tempfile.mkdtemp(prefix="medplib-tiny-"))
     sp_path = train_sentencepiece(corpus_lines(splits["train"]), work / "tokenizer")
     tok = MedPLIBTokenizer.from_folder(save_tokenizer_folder(sp_path, work / "tok"))
@@ -404,6 +434,24 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig) -> dict:
     (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def train_draws(assets: Path, draws: int) -> list[dict]:
+    """Train samples of `draws` corpus builds with different seeds, duplicates dropped.
+
+    Each draw picks other question templates, region kinds (point / box / sketch) and present / absent
+    labels for the same train images, so the union covers more of them; val and test are never touched.
+    """
+    seen: set[str] = set()
+    out = []
+    for k in range(draws):
+        for task in build_corpus(assets, seed=CORPUS_SEED + k)["train"].values():
+            for sample in task:
+                key = json.dumps(sample["conversations"]) + sample["image"]
+                if key not in seen:
+                    seen.add(key)
+                    out.append(sample)
+    return out
 
 
 def selection_score(m: dict) -> float:
