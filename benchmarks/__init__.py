@@ -1,0 +1,1 @@
+"""Scripts that print figures (parity, speed, memory); run them as `python -m benchmarks.<name>`."""
