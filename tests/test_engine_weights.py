@@ -109,3 +109,25 @@ def test_unknown_model_and_offline_hub_id_give_clear_errors(tmp_path: Path, monk
     empty.mkdir()
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         resolve_model(empty)
+
+
+def test_released_sizes_build_on_meta_without_allocating(golden_dir: Path, tmp_path: Path) -> None:
+    """MedPLIB-7b-2e's sizes (config.json as the release writes it, CLIP-L and SAM ViT-B defaults) build on the
+    meta device: ~11.7B parameters, no RAM spent on them."""
+    from engine.config import MedPLIBConfig
+    from engine.modeling.medplib import MedPLIBModel
+    from engine.weights import parameters_on_meta
+
+    raw = json.loads((golden_dir / "tiny-medplib-ref" / "config.json").read_text())
+    raw |= {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "vocab_size": 32267, "mm_hidden_size": 1024, "out_dim": 256,
+            "mm_vision_tower": "/author/local/path/clip-vit-large-patch14-336"}
+    raw["moe"] |= {"moe_layers_idx": list(range(32)), "num_experts": [2] * 32}
+    config = MedPLIBConfig.from_released_dict(raw, folder=tmp_path)
+    assert config.clip["hidden_size"] == 1024 and config.sam.encoder_embed_dim == 768
+    with parameters_on_meta():
+        model = MedPLIBModel(config)
+    params = list(model.parameters())
+    assert all(p.is_meta for p in params)
+    total = sum(p.numel() for p in params)
+    assert 11.6e9 < total < 11.8e9, total
