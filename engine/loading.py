@@ -51,9 +51,13 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    base = ["*.json", "*.model", "*.safetensors"]
     try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=offline,
-                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.bin"]))
+        folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=offline, allow_patterns=base))
+        if not any(folder.glob("*.safetensors")):  # .bin shards only as a fallback: never fetch both formats
+            folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=offline,
+                                            allow_patterns=[*base, "pytorch_model*.bin"]))
+        return folder
     except LocalEntryNotFoundError as err:
         raise ModelNotFoundError(
             f"{repo_id}@{revision or 'main'} is not in the local Hugging Face cache and "
