@@ -372,10 +372,44 @@ class CaseStore:
     ) -> ModelOutputRecord:
         """Cache a model answer (and (H, W) bool mask) for a question (instructor/operator only)."""
         self._require(session)
+        return self._add_output(
+            question_id, model_id, revision, parameters, answer, mask, published_only=False
+        )
+
+    def cache_live_output(
+        self,
+        question_id: int,
+        *,
+        model_id: str,
+        revision: str | None,
+        parameters: dict[str, Any],
+        answer: str,
+        mask: np.ndarray | None,
+    ) -> ModelOutputRecord:
+        """Cache an answer the portal's own engine just computed for a question of a *published* case.
+
+        No session: the portal calls it when a student reveals a question that has no cached output yet
+        (the answer comes from the server's model, never from the user). Unpublished cases are refused.
+        """
+        return self._add_output(
+            question_id, model_id, revision, parameters, answer, mask, published_only=True
+        )
+
+    def _add_output(
+        self,
+        question_id: int,
+        model_id: str,
+        revision: str | None,
+        parameters: dict[str, Any],
+        answer: str,
+        mask: np.ndarray | None,
+        *,
+        published_only: bool,
+    ) -> ModelOutputRecord:
         with self._writing() as db:
             question = db.get(Question, question_id)
-            if question is None:
-                raise CaseNotFound(f"no question {question_id}")
+            if question is None or (published_only and not question.case.published):
+                raise CaseNotFound(f"no {'published ' if published_only else ''}question {question_id}")
             convert.check_mask_size(question.case, mask, "model mask")
             row = ModelOutput(
                 question_id=question_id,

@@ -2,13 +2,16 @@
 
 The student answers (closed: pick; open: type) and/or draws the structure on the editor's "mask" layer
 (mask = brush alpha > 0). On submit the attempt is scored and stored by `CaseStore.record_attempt`,
-then the student / model (cached output) / reference masks are revealed in three Okabe-Ito colours
-with toggles, with the reference answer, the model's answer and the case discussion. A plotly chart
-tracks the session's progress. Students are an anonymous browser id or a course pseudonym.
+then the student / model / reference masks are revealed in three Okabe-Ito colours with toggles, with
+the reference answer, the model's answer and the case discussion. The model's answer is the cached one
+(`python -m cases precompute`); when there is none and the portal has an engine, a second event in the
+shared model queue computes it, caches it in the store and updates the reveal (portal/model_answers.py).
+A plotly chart tracks the session's progress. Students are an anonymous browser id or a course pseudonym.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import secrets
 import time
@@ -23,7 +26,10 @@ from PIL import Image as PILImage
 from cases import CaseNotFound, CaseRecord, CaseStore, CaseStoreError, QuestionRecord
 from portal import texts
 from portal.library_tab import NO_STORE, case_markdown
+from portal.model_answers import cached_answer, live_answer
 from portal.overlay import overlay_mask
+
+logger = logging.getLogger(__name__)
 
 RANDOM_CASE = 0
 LAYER_COLORS = {  # Okabe-Ito: distinguishable with the common colour-vision deficiencies
@@ -34,6 +40,8 @@ LAYER_COLORS = {  # Okabe-Ito: distinguishable with the common colour-vision def
 LAYERS = tuple(LAYER_COLORS)
 BRUSH_COLOR = "#E69F00"  # the student's colour, also while drawing
 NO_MODEL_OUTPUT = "No cached model answer for this question yet (`python -m cases precompute`)."
+MODEL_PENDING = "**Model answer:** *the model is answering this question now…*"
+MODEL_FAILED = "**Model answer:** the model could not answer this question ({kind}); the rest is unaffected."
 PSEUDONYM_HELP = (
     "Course pseudonym (optional; never your real name). Empty = an anonymous id kept by this browser."
 )
@@ -48,6 +56,7 @@ class QuizState:
     started: float = 0.0
     submitted: bool = False
     drawn: np.ndarray | None = field(default=None, compare=False)
+    attempt: Any = field(default=None, compare=False)  # the scored AttemptRecord, for the reveal text
     progress: tuple[tuple[str, float | None, bool | None], ...] = ()  # (label, dice, correct)
 
 
@@ -106,8 +115,10 @@ def progress_figure(progress: tuple[tuple[str, float | None, bool | None], ...])
 class QuizHandlers:
     """Event handlers of the quiz tab (plain methods: tested without a browser)."""
 
-    def __init__(self, store: CaseStore) -> None:
+    def __init__(self, store: CaseStore, engine: Any | None = None) -> None:
+        """engine: the portal's loaded engine, used to answer questions that have no cached model output."""
         self.store = store
+        self.engine = engine
 
     def start(self, choice: int | None, state: QuizState) -> tuple:
         """Open a case (RANDOM_CASE = any published case) at its first question."""
@@ -154,12 +165,33 @@ class QuizHandlers:
             state,
             submitted=True,
             drawn=mask,
+            attempt=attempt,
             progress=(*state.progress, (label, attempt.dice, attempt.correct)),
         )
         shown = list(LAYERS)
         return (new, remembered, self._result_markdown(question, attempt), self._compare(case, question, mask, shown),
                 gr.update(value=shown, visible=question.kind == "segmentation"), case_markdown(case),
                 progress_figure(new.progress))  # fmt: skip
+
+    def reveal_model(self, shown: list[str], state: QuizState) -> tuple[Any, Any]:
+        """After submit: compute the model's answer when none is cached (model queue), then redo the reveal.
+
+        Returns (result markdown, comparison image); both unchanged when nothing had to be computed.
+        """
+        if self.engine is None or not state.submitted or state.case_id is None or state.question_id is None:
+            return gr.skip(), gr.skip()
+        case = self._case(state.case_id)
+        question = case.question(state.question_id)
+        if cached_answer(self.store, question.id) is not None:  # cached meanwhile (e.g. another student)
+            return gr.skip(), gr.skip()
+        try:
+            live_answer(self.store, self.engine, case, question)
+        except Exception as error:  # the UI boundary: keep the reveal and keep serving
+            logger.exception("live model answer for question %s failed", question.id)
+            failed = MODEL_FAILED.format(kind=type(error).__name__)
+            return self._result_markdown(question, state.attempt, failed), gr.skip()
+        return (self._result_markdown(question, state.attempt),
+                self._compare(case, question, state.drawn, shown or []))  # fmt: skip
 
     def toggle(self, shown: list[str], state: QuizState) -> Any:
         if not state.submitted or state.case_id is None or state.question_id is None:
@@ -173,13 +205,13 @@ class QuizHandlers:
         self, case: CaseRecord, question: QuestionRecord, drawn: np.ndarray | None, shown: list[str]
     ) -> np.ndarray:
         reference = case.images[0].mask(question.target_label).array() if question.target_label else None
-        outputs = self.store.model_outputs(question.id)
-        model = outputs[0].mask() if outputs else None
+        output = cached_answer(self.store, question.id)
+        model = output.mask() if output is not None else None
         return comparison_image(
             case, question, {"student": drawn, "model": model, "reference": reference}, shown
         )
 
-    def _result_markdown(self, question: QuestionRecord, attempt: Any) -> str:
+    def _result_markdown(self, question: QuestionRecord, attempt: Any, model_note: str | None = None) -> str:
         lines = []
         if attempt.dice is not None:
             lines.append(f"### Dice **{attempt.dice:.3f}** · IoU **{attempt.iou:.3f}**")
@@ -192,11 +224,11 @@ class QuizHandlers:
         lines.append(f"**Reference answer:** {question.reference_answer}")
         if question.synonyms:
             lines.append(f"*Also accepted:* {', '.join(question.synonyms)}")
-        outputs = self.store.model_outputs(question.id)
-        if outputs:
-            lines.append(f"**Model answer** ({outputs[0].model_id}): {outputs[0].answer or '(empty)'}")
+        output = cached_answer(self.store, question.id)
+        if output is not None:
+            lines.append(f"**Model answer** ({output.model_id}): {_answer_text(output)}")
         else:
-            lines.append(NO_MODEL_OUTPUT)
+            lines.append(model_note or (MODEL_PENDING if self.engine is not None else NO_MODEL_OUTPUT))
         return "\n\n".join(lines)
 
     def _question_view(self, case: CaseRecord, question: QuestionRecord) -> tuple:
@@ -230,6 +262,13 @@ class QuizHandlers:
             raise gr.Error(str(error)) from error
 
 
+def _answer_text(output: Any) -> str:
+    """The model's words; a mask-only answer (just `<SEG>`) says so instead of looking empty."""
+    if output.answer.strip():
+        return output.answer
+    return "(a mask only: see the model layer)" if output.mask_png is not None else "(empty)"
+
+
 def case_options(store: CaseStore) -> list[tuple[str, int]]:
     """Quiz case menu: 'Random case' then published cases WITHOUT their titles (titles give answers)."""
     return [("Random case", RANDOM_CASE)] + [
@@ -242,7 +281,8 @@ def build_quiz_tab(ctx: Any) -> None:
     if ctx.store is None:
         gr.Markdown(NO_STORE)
         return
-    h = QuizHandlers(ctx.store)
+    engine = getattr(ctx, "engine", None)
+    h = QuizHandlers(ctx.store, engine)
     state = gr.State(QuizState())
     browser_id = gr.BrowserState("", storage_key="medplib-quiz-student")
     with gr.Row():
@@ -276,6 +316,9 @@ def build_quiz_tab(ctx: Any) -> None:
     view = [prompt, closed, opened, editor, result, compare, layers, discussion]
     start.click(h.start, [choice, state], [state, header, question, *view])
     question.input(h.choose_question, [question, state], [state, *view])
-    submit.click(h.submit, [closed, opened, editor, pseudonym, browser_id, state],
-                 [state, browser_id, result, compare, layers, discussion, plot])  # fmt: skip
+    submitted = submit.click(h.submit, [closed, opened, editor, pseudonym, browser_id, state],
+                             [state, browser_id, result, compare, layers, discussion, plot])  # fmt: skip
+    if engine is not None:  # a missing model answer is computed in the model queue the Ask tab uses
+        submitted.success(h.reveal_model, [layers, state], [result, compare], api_visibility="private",
+                          **ctx.model_queue())  # fmt: skip
     layers.change(h.toggle, [layers, state], compare)
