@@ -156,6 +156,35 @@ def region_for(
     return mark_mask(mark, shape), {"kind": mark.kind, "xyxy": list(mark.xyxy)}
 
 
+def region_note(session: AskSession, tool: str, editor_value: dict[str, Any] | None) -> str:
+    """The line under the image: the region the next question will really send, decided as `region_for` does.
+
+    Point / Box send the last clicked mark, Sketch sends the brush strokes (never a clicked mark), None sends
+    nothing (clicked marks are kept for later).
+    """
+    if session.rgb is None:
+        return texts.NOTE_NO_MARK
+    if tool == "Sketch":
+        try:
+            pixels = int(sketch_mask(editor_value, session.rgb.shape[:2]).sum())
+        except UserInputError:
+            return texts.NOTE_EMPTY_SKETCH
+        return texts.NOTE_ACTIVE_SKETCH.format(pixels=pixels)
+    if session.marks.pending is not None and tool == "Box":
+        return texts.NOTE_FIRST_CORNER.format(x=session.marks.pending[0], y=session.marks.pending[1])
+    mark = session.marks.active
+    if tool not in ("Point", "Box"):
+        kept = "" if mark is None else texts.NOTE_MARK_KEPT.format(kind=mark.kind, where=_where(mark))
+        return texts.NOTE_TOOL_NONE + kept
+    if mark is None:
+        return texts.NOTE_NO_MARK
+    return texts.NOTE_ACTIVE_MARK.format(kind=mark.kind, where=_where(mark))
+
+
+def _where(mark: Mark) -> list[int]:
+    return list(mark.xyxy) if mark.kind == "box" else list(mark.point)
+
+
 # --------------------------------------------------------------------------------------------- questions
 
 

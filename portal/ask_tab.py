@@ -76,7 +76,7 @@ class AskHandlers:
             "",
             None,
             None,
-            "",
+            texts.NOTE_NO_MARK if session.has_image else "",
         )
 
     def show_model_input(self, session: AskSession, show: bool) -> Any:
@@ -92,30 +92,28 @@ class AskHandlers:
             session = steps.click(session, tool, x, y)
         except UserInputError as err:
             raise gr.Error(str(err)) from err
-        return session, steps.preview(session), self._mark_note(session)
+        return session, steps.preview(session), steps.region_note(session, tool, None)
 
-    def undo(self, session: AskSession) -> tuple:
+    def undo(self, session: AskSession, tool: str, sketch: dict | None) -> tuple:
         session = replace(session, marks=session.marks.undo())
-        return session, steps.preview(session), self._mark_note(session)
+        return session, steps.preview(session), steps.region_note(session, tool, sketch)
 
-    def clear(self, session: AskSession) -> tuple:
+    def clear(self, session: AskSession, tool: str) -> tuple:
+        """Drop every clicked mark and the sketch strokes (the editor goes back to the bare image)."""
         session = replace(session, marks=RegionMarks())
-        return session, steps.preview(session), session.rgb, self._mark_note(session)
+        return session, steps.preview(session), session.rgb, steps.region_note(session, tool, None)
 
     @staticmethod
-    def _mark_note(session: AskSession) -> str:
-        if session.marks.pending is not None:
-            return texts.NOTE_FIRST_CORNER.format(x=session.marks.pending[0], y=session.marks.pending[1])
-        mark = session.marks.active
-        if mark is None:
-            return texts.NOTE_NO_MARK
-        where = list(mark.xyxy) if mark.kind == "box" else list(mark.point)
-        return texts.NOTE_ACTIVE_MARK.format(kind=mark.kind, where=where)
+    def choose_tool(session: AskSession, tool: str, sketch: dict | None) -> tuple:
+        """Show the click image or the sketch editor, and say which region the tool will send."""
+        is_sketch = tool == "Sketch"
+        note = steps.region_note(session, tool, sketch)
+        return gr.update(visible=not is_sketch), gr.update(visible=is_sketch), note
 
     @staticmethod
-    def choose_tool(tool: str) -> tuple:
-        sketch = tool == "Sketch"
-        return gr.update(visible=not sketch), gr.update(visible=sketch)
+    def sketched(session: AskSession, tool: str, sketch: dict | None) -> str:
+        """A brush stroke was drawn or erased: the note now counts the sketch pixels that will be sent."""
+        return steps.region_note(session, tool, sketch)
 
     # ---- questions ----------------------------------------------------------------------------------
     def ask(
@@ -391,10 +389,14 @@ def _talk_row() -> dict[str, Any]:
 
 def _wire_regions(h: AskHandlers, session: gr.State, c: dict[str, Any]) -> None:
     private = {"api_visibility": "private"}
+    region_state = [session, c["tool"], c["editor"]]
     c["preview"].select(h.click, [session, c["tool"]], [session, c["preview"], c["note"]], **private)
-    c["undo"].click(h.undo, session, [session, c["preview"], c["note"]], **private)
-    c["clear"].click(h.clear, session, [session, c["preview"], c["editor"], c["note"]], **private)
-    c["tool"].change(h.choose_tool, c["tool"], [c["preview"], c["editor"]], **private)
+    c["undo"].click(h.undo, region_state, [session, c["preview"], c["note"]], **private)
+    c["clear"].click(
+        h.clear, [session, c["tool"]], [session, c["preview"], c["editor"], c["note"]], **private
+    )
+    c["tool"].change(h.choose_tool, region_state, [c["preview"], c["editor"], c["note"]], **private)
+    c["editor"].input(h.sketched, region_state, c["note"], **private)
 
 
 def _wire_talk(

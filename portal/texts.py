@@ -99,5 +99,15 @@ ERR_REGION_TAG = (
 ERR_NO_ANSWER = "There is no answer to save yet."
 NOTE_NO_MARK = "No region marked."
 NOTE_ACTIVE_MARK = "Active region: {kind} at {where}"
+NOTE_ACTIVE_SKETCH = (
+    "Active region: sketch ({pixels:,} brush pixels). With the Sketch tool only the brush strokes are sent; "
+    "clicked points and boxes are not."
+)
+NOTE_EMPTY_SKETCH = (
+    "Sketch tool: draw over the region with the brush. With the Sketch tool only the brush strokes are "
+    "sent; clicked points and boxes are not."
+)
+NOTE_TOOL_NONE = "Region tool None: questions are sent without a region."
+NOTE_MARK_KEPT = " The {kind} at {where} is kept: choose Point or Box to send it again."
 NOTE_PICK_TOOL = "Choose the Point or Box tool to mark a region (now: {tool})."
 NOTE_FIRST_CORNER = "First corner set at ({x}, {y}); click the opposite corner."

@@ -154,9 +154,9 @@ def test_box_needs_two_clicks_and_undo_works(handlers, ct):
         _final(handlers.ask(half, "What is this?", "Box", None, *LOOK))
     box, _, _ = handlers.click(half, "Box", _click(80, 10))
     assert box.marks.active.xyxy == (20, 10, 80, 30)
-    undone, _, _ = handlers.undo(box)
+    undone, _, _ = handlers.undo(box, "Box", None)
     assert undone.marks.active is None
-    cleared = handlers.clear(box)
+    cleared = handlers.clear(box, "Box")
     assert cleared[0].marks.active is None and np.array_equal(cleared[2], ct.rgb)
 
 
@@ -181,9 +181,44 @@ def test_sketch_region_is_sent_with_the_question(handlers, ct):
     assert session.last_question == "What is in the marked region? <region>"
 
 
-def test_tool_choice_switches_between_click_image_and_sketch(handlers):
-    click_image, editor = handlers.choose_tool("Sketch")
+def test_tool_choice_switches_between_click_image_and_sketch(handlers, ct):
+    click_image, editor, _note = handlers.choose_tool(ct, "Sketch", None)
     assert click_image["visible"] is False and editor["visible"] is True
+
+
+def _stroke(rows: slice, cols: slice) -> dict:
+    layer = np.zeros((128, 128, 4), np.uint8)
+    layer[rows, cols, 3] = 255
+    return {"background": None, "layers": [layer], "composite": None}
+
+
+def test_region_note_names_the_sketch_not_the_earlier_point(handlers, ct):
+    """Regression: after a point click, a sketch stroke left the note saying 'point' although the sketch
+    is what the model receives."""
+    session, _, note = handlers.click(ct, "Point", _click(60, 70))
+    assert note == "Active region: point at [60, 70]"
+    _, _, note = handlers.choose_tool(session, "Sketch", None)
+    assert "draw over the region" in note and "point" not in note.split(".")[0]
+    sketch = _stroke(slice(40, 50), slice(30, 90))
+    note = handlers.sketched(session, "Sketch", sketch)
+    assert note.startswith("Active region: sketch (600 brush pixels)")
+    sent = _final(handlers.ask(session, "What is in the marked region?", "Sketch", sketch, *LOOK))[0]
+    assert sent.last_region == {"kind": "sketch", "pixels": 600}  # the note told the truth
+    _, _, note = handlers.choose_tool(session, "Point", sketch)
+    assert note == "Active region: point at [60, 70]"
+    _, _, note = handlers.undo(session, "Sketch", sketch)  # Undo takes back clicks, not brush strokes
+    assert note.startswith("Active region: sketch (600")
+
+
+def test_region_note_with_tool_none_says_nothing_is_sent(handlers, ct):
+    session, _, _ = handlers.click(ct, "Point", _click(60, 70))
+    _, _, note = handlers.choose_tool(session, "None", None)
+    assert note.startswith("Region tool None: questions are sent without a region.")
+    assert "point at [60, 70] is kept" in note
+    sent = _final(handlers.ask(session, "Describe the image.", "None", None, *LOOK))[0]
+    assert sent.last_region is None
+    _, _, _, note = handlers.clear(session, "Point")
+    assert note == texts.NOTE_NO_MARK
 
 
 # -------------------------------------------------------------------------------------------- questions
