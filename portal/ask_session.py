@@ -202,6 +202,11 @@ def prepare_question(question: str | None, has_region: bool, max_chars: int) -> 
     return text
 
 
+def segment_question(session: AskSession, question: str | None) -> str:
+    """The question Segment asks: the typed one, else the last question of the conversation (may be "")."""
+    return (question or "").strip() or session.last_question
+
+
 def with_handle(session: AskSession, engine: Any) -> AskSession:
     """Encode the image once (engine.set_image); later turns reuse the handle."""
     if session.rgb is None:

@@ -139,7 +139,12 @@ class AskHandlers:
         style: str,
         color: str,
     ) -> Iterator[tuple]:
-        """Like ask, but the answer is forced to `<SEG>`, so a mask is always decoded."""
+        """Like ask, but the answer is forced to `<SEG>`, so a mask is always decoded.
+
+        An empty question box re-asks the last question (the box is cleared after every answer, and
+        "ask, then press Segment" is how users ask for the mask of what they just asked about).
+        """
+        question = steps.segment_question(session, question)
         yield from self._answer(
             session, question, tool, sketch, (opacity, style, color), texts.SEG_FORCE_ANSWER
         )

@@ -50,7 +50,10 @@ TASK_CHIPS = (
 CHIP_ORGAN = "lesion"
 ASK_BUTTON = "Ask"
 SEGMENT_BUTTON = "Segment"
-SEGMENT_HELP = "**Segment** makes the model answer with `<SEG>`, so a mask is always decoded."
+SEGMENT_HELP = (
+    "**Segment** makes the model answer with `<SEG>`, so a mask is always decoded. "
+    "With an empty question box it asks your last question again, this time for a mask."
+)
 UNDO_BUTTON = "Undo mark"
 CLEAR_BUTTON = "Clear marks"
 NEW_CHAT_BUTTON = "New conversation"

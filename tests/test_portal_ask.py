@@ -324,3 +324,18 @@ def test_answer_without_seg_says_no_mask(ct):
     assert steps.mask_summary(session) == texts.NO_MASK_NOTICE
     assert steps.mask_overlay(session, *LOOK) is None
     assert "no `<SEG>`, no mask" in render_chat(session.history, answer)[-1]["content"]
+
+
+def test_segment_with_an_empty_box_asks_the_last_question_for_a_mask(handlers, ct):
+    """Regression: Ask clears the question box, so pressing Segment next raised 'Type a question first'."""
+    session, _, _ = handlers.click(ct, "Point", _click(64, 64))
+    asked = _final(handlers.ask(session, "What is in the marked region?", "Point", None, *LOOK))
+    assert asked[2] == gr.skip() and asked[0].history[-1][0] == "What is in the marked region? <region>"
+    final = _final(handlers.segment(asked[0], "", "Point", None, *LOOK))
+    session = final[0]
+    assert [q for q, _ in session.history] == ["What is in the marked region? <region>"] * 2
+    assert session.answer.mask is not None and session.last_settings.force_answer == texts.SEG_FORCE_ANSWER
+    assert final[CHAT][2]["content"] == "What is in the marked region? `<region>`"
+    fresh = handlers.new_chat(session)[0]
+    with pytest.raises(gr.Error, match="Type a question"):
+        _final(handlers.segment(fresh, "", "Point", None, *LOOK))
