@@ -232,11 +232,14 @@ def render_chat(history: tuple[tuple[str, str], ...], last: Answer | None = None
     """Chatbot messages for the conversation; the last answer notes whether a mask came with it."""
     messages: list[dict[str, str]] = []
     for i, (question, answer) in enumerate(history):
-        content = _shown(answer) if answer.strip() else "*(no text)*"
+        content = _shown(answer) if answer.strip() else texts.CHAT_NO_TEXT
         if last is not None and i == len(history) - 1:
-            content += (
-                f"\n\n*(mask: {last.mask_area:,} px)*" if last.has_mask else "\n\n*(no `<SEG>`, no mask)*"
-            )
+            if last.has_mask and not answer.strip():
+                content = texts.CHAT_MASK_ONLY.format(pixels=last.mask_area)
+            else:
+                content += (
+                    f"\n\n*(mask: {last.mask_area:,} px)*" if last.has_mask else "\n\n*(no `<SEG>`, no mask)*"
+                )
         messages += [_user_message(question), {"role": "assistant", "content": content}]
     return messages
 

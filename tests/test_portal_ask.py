@@ -339,3 +339,12 @@ def test_segment_with_an_empty_box_asks_the_last_question_for_a_mask(handlers, c
     fresh = handlers.new_chat(session)[0]
     with pytest.raises(gr.Error, match="Type a question"):
         _final(handlers.segment(fresh, "", "Point", None, *LOOK))
+
+
+def test_a_mask_only_answer_says_so_in_the_chat(handlers, ct):
+    """Regression: a forced `<SEG>` answer showed '(no text)' above its mask note in the browser."""
+    final = _final(handlers.segment(ct, "Please segment the spine.", "None", None, *LOOK))
+    answer = final[0].answer
+    assert answer.text.strip() == "" and answer.has_mask  # the forced answer is just <SEG>
+    assert final[CHAT][-1]["content"] == texts.CHAT_MASK_ONLY.format(pixels=answer.mask_area)
+    assert "overlay" in final[CHAT][-1]["content"] and "no text" not in final[CHAT][-1]["content"]
