@@ -10,8 +10,9 @@ Metrics (MedPLIB `model/eval/vqa_infer.py` and `cal_metric.py`, re-implemented; 
              token F1 (multiset overlap) and BLEU-1 (clipped unigram precision × brevity penalty).
   region     region-VQA questions, exact match of the normalised answers. The region mask of
              `<region>path</region>` is fed as the region prompt (the reference evaluation forgot to).
-  expert_share  per layer, the share of tokens (prompt and generated) each expert handled, separately for
-             grounding and for VQA prompts; `text` leaves the 576 image tokens out.
+  expert_share  per layer, the share of tokens each expert handled, separately for grounding and for VQA
+             prompts: `all` (prompt and generated tokens), `text` (the same without the 576 image tokens) and
+             `answer` (only the positions that generated the answer, e.g. the one that predicted `<SEG>`).
 Samples are MeCoVQA-format JSON (`training.corpus`): paths are relative to the image folder.
 """
 
@@ -179,6 +180,12 @@ class RoutingTally:
                 table[layer] += np.bincount(values, minlength=self.n_experts)
         return hook
 
+    def add_answer(self, experts: Sequence[Sequence[int]]) -> None:
+        """Count the routing of the positions that generated the answer (`Answer.experts`, [layer][t])."""
+        table = self.counts.setdefault(f"{self.kind}/answer", np.zeros((self.n_layers, self.n_experts)))
+        for layer, choices in enumerate(experts):
+            table[layer] += np.bincount(np.asarray(choices, dtype=np.int64), minlength=self.n_experts)
+
     def shares(self) -> dict[str, dict[str, list[list[float]]]]:
         out: dict[str, dict[str, list[list[float]]]] = defaultdict(dict)
         for key, table in sorted(self.counts.items()):
@@ -234,6 +241,7 @@ def run_samples(eng, samples: Sequence[EvalSample], settings: GenerationSettings
                 results.append(SampleResult(sample=sample, prediction="", iou=0.0 if sample.gt_mask else None,
                                             refused=True))
                 continue
+            tally.add_answer(answer.experts)
             iou = mask_iou(answer.mask, _read_mask(sample.gt_mask)) if sample.task == "grounding" else None
             results.append(SampleResult(sample=sample, prediction=answer.text, iou=iou))
     finally:
@@ -348,8 +356,9 @@ def _print_table(metrics: dict) -> None:
               f"open       n={n['open']:<4} recall {metrics['open_recall']:.3f}  F1 {metrics['open_f1']:.3f}  "
               f"BLEU-1 {metrics['bleu1']:.3f}"]
     for kind, parts in metrics["expert_share"].items():
-        shares = " ".join("/".join(f"{s:.2f}" for s in layer) for layer in parts.get("text", []))
-        lines.append(f"experts ({kind}, text tokens, per layer e0/e1): {shares}")
+        for part in ("text", "answer"):
+            shares = " ".join("/".join(f"{s:.2f}" for s in layer) for layer in parts.get(part, []))
+            lines.append(f"experts ({kind}, {part} tokens, per layer e0/e1): {shares}")
     print("\n".join(lines))
 
 

@@ -1,0 +1,70 @@
+"""The shipped `models/medplib-tiny`: released layout, loads with no argument, and still scores on a fixed
+test subset (`assets/medimages/ci_subset.json`) through `python -m engine evaluate`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.loading import DEFAULT_MODEL_DIR
+from engine.tokenizer import ADDED_TOKENS
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "assets" / "medimages"
+CI_SUBSET = ASSETS / "ci_subset.json"
+MAX_CHECKPOINT_BYTES = 25 * 1024 * 1024
+# Regression floors a little below what the shipped model scores on the CI subset (mDice 0.58 with
+# histopathology at 0, closed 2/2, region 4/8). They are BELOW the issue's targets (mDice 0.80, closed 0.90,
+# region 0.80), which this model misses: see MODEL_CARD.md. The subset is small (23 samples).
+FLOORS = {"mDice": 0.50, "closed_accuracy": 0.50, "region_accuracy": 0.375}
+MODALITY_DICE_FLOORS = {"MRI": 0.65, "fluorescence microscopy": 0.80, "nuclear medicine": 0.60}
+
+pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(),
+                                reason="models/medplib-tiny is not shipped in this checkout")
+
+
+def test_checkpoint_is_small_and_in_the_released_layout() -> None:
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    assert config["portal_demo_model"] is True
+    assert config["moe"]["moe_enable"] and config["moe"]["top_k_experts"] == 1
+    assert config["moe"]["num_experts"] == [2] * config["num_hidden_layers"]
+    size = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file())
+    assert size <= MAX_CHECKPOINT_BYTES, f"shipped model is {size / 2**20:.1f} MiB"
+    added = json.loads((DEFAULT_MODEL_DIR / "added_tokens.json").read_text())
+    assert sorted(added, key=added.get) == list(ADDED_TOKENS)
+    assert (DEFAULT_MODEL_DIR / "MODEL_CARD.md").is_file()
+
+
+def test_load_engine_without_argument_segments_the_brain() -> None:
+    from engine import load_engine
+
+    eng = load_engine()
+    assert eng.info.is_demo_model and eng.info.n_experts == 2
+    sample = next(s for s in json.loads(CI_SUBSET.read_text()) if s["task"] == "grounding"
+                  and s["modality"] == "MRI")
+    rgb = np.asarray(Image.open(ASSETS / sample["image"]).convert("RGB"))
+    answer = eng.ask(eng.set_image(rgb), "Please segment the brain in this image.")
+    assert answer.has_mask, f"no <SEG> in {answer.text!r}"
+    brain = np.asarray(Image.open(ASSETS / sample["image"].replace("images/", "masks/")
+                                  .replace(".png", "--brain.png")).convert("L")) > 127
+    iou = (answer.mask & brain).sum() / (answer.mask | brain).sum()
+    assert iou > 0.7
+
+
+def test_evaluate_cli_on_the_ci_subset_meets_the_floors() -> None:
+    out = subprocess.run([sys.executable, "-m", "engine", "evaluate", "--data", str(CI_SUBSET), "--json"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = json.loads(out.stdout.strip().splitlines()[-1])
+    assert metrics["n"]["grounding"] >= 5 and metrics["n"]["region"] >= 5 and metrics["n"]["closed"] >= 2
+    for key, floor in FLOORS.items():
+        assert metrics[key] >= floor, f"{key} {metrics[key]:.3f} < {floor} ({metrics})"
+    for modality, floor in MODALITY_DICE_FLOORS.items():
+        assert metrics["mDice_per_modality"][modality] >= floor, f"{modality}: {metrics['mDice_per_modality']}"
+    assert set(metrics["expert_share"]) == {"grounding", "vqa"}
