@@ -53,7 +53,8 @@ def add_ask_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--save-mask", default=None, metavar="OUT.png")
-    p.add_argument("--postprocess", default="medplib", choices=("medplib", "crop"))
+    p.add_argument("--postprocess", default=None, choices=("medplib", "crop"),
+                   help="mask post-processing (default: the model's config.json `mask_postprocess`, else medplib)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -128,7 +128,7 @@ class MedPLIBConfig:
         return self.clip["image_size"] // self.clip["patch_size"]
 
     @classmethod
-    def from_folder(cls, folder: str | Path, *, postprocess: str = "medplib") -> MedPLIBConfig:
+    def from_folder(cls, folder: str | Path, *, postprocess: str | None = None) -> MedPLIBConfig:
         """Read a checkpoint folder in the released layout."""
         folder = Path(folder)
         path = folder / "config.json"
@@ -138,7 +138,10 @@ class MedPLIBConfig:
         return cls.from_released_dict(raw, folder=folder, postprocess=postprocess)
 
     @classmethod
-    def from_released_dict(cls, raw: dict[str, Any], *, folder: Path, postprocess: str = "medplib") -> MedPLIBConfig:
+    def from_released_dict(cls, raw: dict[str, Any], *, folder: Path, postprocess: str | None = None
+                           ) -> MedPLIBConfig:
+        """postprocess None → `config.json["mask_postprocess"]` (our models may declare "crop"), else the released
+        "medplib" behaviour that MedPLIB-7b-2e was trained with."""
         return cls(
             llm=_llama_sizes(raw),
             moe=_moe_sizes(raw),
@@ -150,7 +153,7 @@ class MedPLIBConfig:
             vision_select_layer=int(raw.get("mm_vision_select_layer", -2)),
             max_sample_point=int(raw.get("max_sample_point", 512)),
             mm_use_im_start_end=bool(raw.get("mm_use_im_start_end", True)),
-            postprocess=postprocess,
+            postprocess=postprocess or raw.get("mask_postprocess", "medplib"),
             demo_model=bool(raw.get("portal_demo_model", False)),
         )
 
@@ -249,7 +252,7 @@ def released_config_dict(config: MedPLIBConfig, *, vision_tower: str = "clip-vit
         "mm_vision_tower": vision_tower, "vision_tower": vision_tower, "image_aspect_ratio": "square",
         "tune_mm_mlp_adapter": False, "out_dim": config.out_dim, "max_sample_point": config.max_sample_point,
         "region_fea_adapter": True, "region_geo_sampler": False, "train_mask_decoder": True,
-        "portal_demo_model": config.demo_model,
+        "portal_demo_model": config.demo_model, "mask_postprocess": config.postprocess,
         "moe": {
             "moe_enable": True, "moe_mode": "dense", "moe_layers_idx": list(range(n)),
             "num_experts": [moe.num_experts] * n, "top_k_experts": moe.top_k, "capacity_factor": 1.5,

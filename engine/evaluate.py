@@ -310,7 +310,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
     p.add_argument("--template", default="llava_v1", choices=("vicuna_v1", "llava_v1"))
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--postprocess", default="medplib", choices=("medplib", "crop"))
+    p.add_argument("--postprocess", default=None, choices=("medplib", "crop"),
+                   help="mask post-processing (default: the model's own)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--json", action="store_true", help="end with one line holding the metrics as JSON")

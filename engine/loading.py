@@ -108,10 +108,11 @@ def quantize(model: MedPLIBModel, mode: str, device: str) -> None:
 
 
 def load_engine(model: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-                revision: str | None = None, quantization: str | None = None, postprocess: str = "medplib"):
+                revision: str | None = None, quantization: str | None = None, postprocess: str | None = None):
     """Load a MedPLIB checkpoint in the released layout and return an `Engine`.
 
     model: None (the shipped small model), a checkpoint folder, or a hub id such as "Huangxs/MedPLIB-7b-2e".
+    postprocess: "medplib" (the released slice quirk), "crop" (corrected), or None for the model's own default.
     """
     from engine.inference import Engine
 

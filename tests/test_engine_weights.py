@@ -131,3 +131,15 @@ def test_released_sizes_build_on_meta_without_allocating(golden_dir: Path, tmp_p
     assert all(p.is_meta for p in params)
     total = sum(p.numel() for p in params)
     assert 11.6e9 < total < 11.8e9, total
+
+
+def test_mask_postprocess_default_comes_from_the_model(tiny_checkpoint: Path, tmp_path: Path, golden_dir: Path) -> None:
+    """The released checkpoint has no `mask_postprocess` → medplib; our own models may declare "crop"."""
+    from engine.config import MedPLIBConfig
+
+    assert MedPLIBConfig.from_folder(golden_dir / "tiny-medplib-ref").postprocess == "medplib"
+    folder = _copy_without_weights(tiny_checkpoint, tmp_path / "crop")
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(raw | {"mask_postprocess": "crop"}))
+    assert MedPLIBConfig.from_folder(folder).postprocess == "crop"
+    assert MedPLIBConfig.from_folder(folder, postprocess="medplib").postprocess == "medplib"
