@@ -19,11 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets" / "medimages"
 CI_SUBSET = ASSETS / "ci_subset.json"
 MAX_CHECKPOINT_BYTES = 25 * 1024 * 1024
-# Regression floors a little below what the shipped model scores on the CI subset (mDice 0.58 with
-# histopathology at 0, closed 2/2, region 4/8). They are BELOW the targets (mDice 0.80, closed 0.90,
-# region 0.80), which this model misses: see MODEL_CARD.md. The subset is small (23 samples).
-FLOORS = {"mDice": 0.50, "closed_accuracy": 0.50, "region_accuracy": 0.375}
-MODALITY_DICE_FLOORS = {"MRI": 0.65, "fluorescence microscopy": 0.80, "nuclear medicine": 0.60}
+# Regression floors a little below what the shipped model scores on the CI subset (mDice 0.77: MRI 0.67,
+# fluorescence 0.88, histopathology 0.75, nuclear medicine 0.81; closed 2/2; region 3/8). They are BELOW the
+# issue's targets (mDice 0.80, closed 0.90, region 0.80), which this model misses: see MODEL_CARD.md. The
+# subset is small (23 samples).
+FLOORS = {"mDice": 0.70, "closed_accuracy": 0.50, "region_accuracy": 0.25}
+MODALITY_DICE_FLOORS = {"MRI": 0.62, "fluorescence microscopy": 0.80, "histopathology": 0.60,
+                        "nuclear medicine": 0.70}
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(),
                                 reason="models/medplib-tiny is not shipped in this checkout")

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from engine.processing import region_grid
+
 log = logging.getLogger(__name__)
 
 SEED = 20250101
@@ -150,33 +152,64 @@ def complex_samples(record: dict, absent: list[str], rng: random.Random) -> list
 
 def region_samples(record: dict, assets: Path, rng: random.Random) -> list[Sample]:
     """Region VQA: name the structure inside a point/box/sketch region; yes/no with a wrong label;
-    and a background point as a negative."""
+    and a background point as a negative.
+
+    The answer is what the region holds, not which mask it was cut from: the most specific label (smallest
+    mask) whose mask covers most of the region (the innermost point of "brain" lies in white matter, the box
+    of "grey matter" is the box of "brain"). Regions no label clearly holds, or that cover no CLIP patch
+    after the 336 resize (the engine refuses them), are skipped.
+    """
     make = _maker(record, "region")
     labels = [m["label"] for m in record["masks"]]
+    masks = {m["label"]: _png(assets, m["path"]) for m in record["masks"]}
     out = []
     for mask in record["masks"]:
         kind = rng.choice(("point", "box", "sketch"))
         region = mask["path"] if kind == "sketch" else mask["regions"][kind]
-        out.append(make(rng.choice(REGION_WHAT_QUESTIONS).format(region=region),
-                        f"The region shows the {mask['label']}.", "open"))
+        template = rng.choice(REGION_WHAT_QUESTIONS)
+        region_px = _png(assets, region)
+        answer = region_label(region_px, masks)
+        if answer is not None and region_grid(region_px).any():
+            out.append(make(template.format(region=region), f"The region shows the {answer}.", "open"))
         others = [lab for lab in labels if lab != mask["label"]]
         if others and kind == "point":
             wrong = rng.choice(others)
-            out.append(make(rng.choice(REGION_YESNO_QUESTIONS).format(label=wrong, region=region),
-                            _point_in_label_answer(record, assets, mask, wrong), "closed"))
-    if record["background_region"]:
+            yes_no = rng.choice(REGION_YESNO_QUESTIONS)
+            if region_grid(region_px).any():
+                out.append(make(yes_no.format(label=wrong, region=region),
+                                _point_in_label_answer(region_px, masks[wrong]), "closed"))
+    if record["background_region"] and region_grid(_png(assets, record["background_region"])).any():
         out.append(make(rng.choice(REGION_WHAT_QUESTIONS).format(region=record["background_region"]),
                         "The region shows background; none of the " + ", ".join(labels) + " is inside it.",
                         "open"))
     return out
 
 
-def _point_in_label_answer(record: dict, assets: Path, mask: dict, other: str) -> str:
-    """'yes'/'no': whether the point region of `mask` overlaps the mask labelled `other` (nested labels,
-    e.g. white matter inside brain, make this 'yes')."""
-    point = np.asarray(Image.open(assets / mask["regions"]["point"])) > 0
-    other_path = next(m["path"] for m in record["masks"] if m["label"] == other)
-    inside = np.asarray(Image.open(assets / other_path)) > 0
+REGION_HOLDS = 0.6  # a label answers a region question when its mask covers at least this share of the region
+REGION_AMBIGUOUS = 0.4  # ... and no more specific label covers between REGION_AMBIGUOUS and REGION_HOLDS of it
+
+
+def region_label(region: np.ndarray, masks: dict[str, np.ndarray]) -> str | None:
+    """The one right answer to "what is in this (H, W) bool region": the smallest mask covering >= 60 % of
+    it; None when no mask does, or when a smaller mask covers 40-60 % of it (ambiguous)."""
+    total = max(int(region.sum()), 1)
+    by_size = sorted(masks, key=lambda lab: int(masks[lab].sum()))
+    for label in by_size:
+        share = (region & masks[label]).sum() / total
+        if share >= REGION_HOLDS:
+            return label
+        if share > REGION_AMBIGUOUS:
+            return None
+    return None
+
+
+def _png(assets: Path, rel: str) -> np.ndarray:
+    return np.asarray(Image.open(assets / rel).convert("L")) > 127
+
+
+def _point_in_label_answer(point: np.ndarray, inside: np.ndarray) -> str:
+    """'yes'/'no': whether most of the (H, W) point region lies inside the other label's mask (nested
+    labels, e.g. white matter inside brain, make this 'yes')."""
     return "yes" if (point & inside).sum() * 2 > point.sum() else "no"
 
 

@@ -14,7 +14,7 @@ MedPLIB's staged recipe at toy scale (reference/medplib.md §7.1), every stage o
      for both tasks and are left to the router.
 The prompt is the engine's own (`build_prompt(template="llava_v1")` + `encode_prompt`), the answer ids are
 those the engine teacher-forces (answer + `</s>`), the mask loss is on `postprocess_masks` output at image
-size (the "medplib" post-processing the engine uses by default). The best stage-3 checkpoint on the val split
+size in the "crop" geometry, which the checkpoint declares (`config.json["mask_postprocess"]`). The best stage-3 checkpoint on the val split
 (scored by `engine.evaluate` through the real loader and `Engine`) is written in the released layout.
 """
 
@@ -46,7 +46,6 @@ from engine.modeling.moe import Top1MoE
 from engine.modeling.sam_med2d import SamMed2DConfig
 from engine.presets import write_checkpoint
 from engine.processing import (
-    MASK_THRESHOLD,
     clip_preprocess,
     pool_region,
     postprocess_masks,
@@ -87,6 +86,9 @@ class TrainConfig:
     bce_weight: float = 2.0
     dice_weight: float = 1.0
     router_weight: float = 0.1
+    balance_power: float = 0.5  # sampling weight 1 / count**power per (modality, task)
+    histo_grounding_boost: float = 2.0  # extra weight for histopathology grounding (4 train tiles only)
+    postprocess: str = "crop"  # mask geometry trained and shipped (config.json "mask_postprocess")
     evals: int = 2  # val evaluations during stage 3 (the best is kept)
     seed: int = SEED
 
@@ -105,6 +107,7 @@ class TrainConfig:
             mm_hidden_size=self.clip_hidden,
             out_dim=self.sam_prompt,
             demo_model=True,
+            postprocess=self.postprocess,
         )
 
 
@@ -216,10 +219,9 @@ class BatchLoss:
     parts: dict[str, float] = field(default_factory=dict)
 
 
-# The engine keeps a pixel when sigmoid(logit) > MASK_THRESHOLD (0.1, MedPLIB's evaluation and demo). The mask
-# losses see logit + log(0.9 / 0.1), so a pixel the model finds 50 % likely sits exactly at that threshold
-# instead of being kept down to 10 % (which would grow every mask by its uncertain rim).
-MASK_LOGIT_SHIFT = math.log((1 - MASK_THRESHOLD) / MASK_THRESHOLD)
+# The engine keeps a pixel when sigmoid(logit) > 0.1 (MASK_THRESHOLD, MedPLIB's evaluation and demo). The mask
+# losses see the raw logits: an earlier recipe shifted them by log 9 to put that threshold on the 50 % contour,
+# which left uncertain masks (histopathology nuclei) entirely below it, i.e. empty.
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -255,7 +257,7 @@ def batch_loss(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingContr
     total, parts = ce, {"ce": float(ce)}
     seg = [i for i, ex in enumerate(batch) if ex.gt is not None]
     if seg:
-        bce, dice = mask_losses(model, tok, batch, seg, hidden, spans)
+        bce, dice = mask_losses(model, tok, batch, seg, hidden, spans, cfg)
         total = total + cfg.bce_weight * bce + cfg.dice_weight * dice
         parts |= {"bce": float(bce), "dice": float(dice)}
     if routing.forced is None and cfg.router_weight > 0:
@@ -277,8 +279,9 @@ def _image_end(tok: MedPLIBTokenizer, batch: list[Example], i: int, prompt_len: 
 
 
 def mask_losses(model: MedPLIBModel, tok: MedPLIBTokenizer, batch: list[Example], seg: list[int],
-                hidden: torch.Tensor, spans: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """BCE and Dice of the post-processed (image-size) mask logits of the grounding samples."""
+                hidden: torch.Tensor, spans: list, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCE and Dice of the post-processed (image-size, `cfg.postprocess` geometry: "crop" = the centred
+    h'×w' window of the 256-frame logits) mask logits of the grounding samples."""
     sam_in = [sam_preprocess(batch[i].image) for i in seg]
     embeddings = model.sam.encode_image(torch.from_numpy(np.stack([s[0] for s in sam_in])))  # (S, C, 16, 16)
     bces, dices = [], []
@@ -290,7 +293,7 @@ def mask_losses(model: MedPLIBModel, tok: MedPLIBTokenizer, batch: list[Example]
         emb = model.seg_embedding(hidden[i, start + answer.index(seg_id)])  # (1, 1, out_dim)
         low, _ = model.sam.decode_with_text(embeddings[j:j + 1], emb)  # (1, 1, 64, 64)
         gt = torch.from_numpy(batch[i].gt.astype(np.float32))
-        logits = postprocess_masks(low, sam_in[j][1], gt.shape, mode="medplib")[0, 0] + MASK_LOGIT_SHIFT  # (H, W)
+        logits = postprocess_masks(low, sam_in[j][1], gt.shape, mode=cfg.postprocess)[0, 0]  # (H, W)
         bces.append(F.binary_cross_entropy_with_logits(logits, gt))
         dices.append(dice_loss(logits, gt))
     return torch.stack(bces).mean(), torch.stack(dices).mean()
@@ -325,12 +328,15 @@ def stage_pool(stage: str, train: list[Example]) -> tuple[list[Example], list[Ex
     return vqa, ground
 
 
-def balance_weights(examples: list[Example]) -> list[float]:
-    """Sampling weights 1 / sqrt(#examples of the same modality and task): rare modalities are seen more often."""
+def balance_weights(examples: list[Example], cfg: TrainConfig) -> list[float]:
+    """Sampling weights 1 / count**balance_power (count: examples of the same modality and task), histopathology
+    grounding boosted: rare modalities are seen more often."""
     counts: dict[tuple[str, str], int] = {}
     for e in examples:
         counts[(e.modality, e.task)] = counts.get((e.modality, e.task), 0) + 1
-    return [counts[(e.modality, e.task)] ** -0.5 for e in examples]
+    boost = {("histopathology", "grounding"): cfg.histo_grounding_boost}
+    return [counts[(e.modality, e.task)] ** -cfg.balance_power * boost.get((e.modality, e.task), 1.0)
+            for e in examples]
 
 
 def sample_batch(vqa: list[Example], ground: list[Example], cfg: TrainConfig, rng: random.Random,
@@ -357,7 +363,7 @@ def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: R
     peak = cfg.lr[STAGES.index(stage)]
     opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=0.0)
     vqa, ground = stage_pool(stage, train)
-    weights = (balance_weights(vqa), balance_weights(ground))
+    weights = (balance_weights(vqa, cfg), balance_weights(ground, cfg))
     eval_at = {steps * (k + 1) // cfg.evals - 1 for k in range(cfg.evals)} if on_eval else set()
     model.train()
     bar = tqdm(range(steps), desc=f"stage {STAGES.index(stage) + 1} {stage}", dynamic_ncols=True)
