@@ -10,7 +10,7 @@ The flow for one question (reference: MedPLIB `evaluate()` and its demo worker):
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,9 +60,9 @@ class _Decoded:
 class AnswerStream:
     """Iterate for text pieces as they are generated; `result` holds the `Answer` once iteration ends."""
 
-    def __init__(self, pieces: Iterator[str]) -> None:
-        self._pieces = pieces
+    def __init__(self, run: Callable[[AnswerStream], Iterator[str]]) -> None:
         self.result: Answer | None = None
+        self._pieces = run(self)  # a generator: nothing runs until the first piece is asked for
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
@@ -123,9 +123,7 @@ class Engine:
             raise ValueError(f"the region mask is {region.shape} but the image is {image.shape}")
         prompt = build_prompt(question, template=settings.template, history=history, has_region=region is not None)
         ids = self.tokenizer.encode_prompt(prompt)
-        stream = AnswerStream(iter(()))
-        stream._pieces = self._run(stream, image, ids, region, settings)
-        return stream
+        return AnswerStream(lambda stream: self._run(stream, image, ids, region, settings))
 
     @torch.inference_mode()
     def _run(self, stream: AnswerStream, image: ImageHandle, ids: list[int], region: np.ndarray | None,
@@ -137,16 +135,14 @@ class Engine:
         if settings.force_answer is not None:
             decoded = self._teacher_force(embeds, settings.force_answer)
             timings["prefill"] = _ms(t0)
-            for tok in decoded.ids:
-                piece = decoder.push(tok)
-                if piece:
-                    yield piece
+            tokens: Iterable[int] = decoded.ids
         else:
             decoded = _Decoded()
-            for tok in self._generate(embeds, settings, decoded, timings):
-                piece = decoder.push(tok)
-                if piece:
-                    yield piece
+            tokens = self._generate(embeds, settings, decoded, timings)
+        for tok in tokens:
+            piece = decoder.push(tok)
+            if piece:
+                yield piece
         tail = decoder.finish()
         if tail:
             yield tail
