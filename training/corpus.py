@@ -177,7 +177,7 @@ def region_samples(record: dict, assets: Path, rng: random.Random) -> list[Sampl
             yes_no = rng.choice(REGION_YESNO_QUESTIONS)
             if region_grid(region_px).any():
                 out.append(make(yes_no.format(label=wrong, region=region),
-                                _point_in_label_answer(region_px, masks[wrong]), "closed"))
+                                point_in_label_answer(region_px, masks[wrong]), "closed"))
     if record["background_region"] and region_grid(_png(assets, record["background_region"])).any():
         out.append(make(rng.choice(REGION_WHAT_QUESTIONS).format(region=record["background_region"]),
                         "The region shows background; none of the " + ", ".join(labels) + " is inside it.",
@@ -207,7 +207,7 @@ def _png(assets: Path, rel: str) -> np.ndarray:
     return np.asarray(Image.open(assets / rel).convert("L")) > 127
 
 
-def _point_in_label_answer(point: np.ndarray, inside: np.ndarray) -> str:
+def point_in_label_answer(point: np.ndarray, inside: np.ndarray) -> str:
     """'yes'/'no': whether most of the (H, W) point region lies inside the other label's mask (nested
     labels, e.g. white matter inside brain, make this 'yes')."""
     return "yes" if (point & inside).sum() * 2 > point.sum() else "no"

@@ -55,6 +55,7 @@ from engine.processing import (
 from engine.tokenizer import MedPLIBTokenizer, save_tokenizer_folder
 from training.corpus import SEED as CORPUS_SEED
 from training.corpus import build_corpus
+from training.online import OnlineImage, load_online_images, presence_sample, region_sample
 from training.tokenizer_train import corpus_lines, train_sentencepiece
 
 log = logging.getLogger("training.train")
@@ -76,6 +77,7 @@ class TrainConfig:
     clip_hidden: int = 64
     clip_layers: int = 3  # select layer -2: the last CLIP layer is never used (as in MedPLIB)
     sam_embed: int = 96
+    sam_depth: int = 2  # the last encoder block attends globally, the others in windows
     sam_prompt: int = 64
     steps: tuple[int, int, int] = (500, 900, 700)
     corpus_draws: int = 5  # train on the union of this many corpus draws (other templates / regions / labels)
@@ -88,8 +90,13 @@ class TrainConfig:
     router_weight: float = 0.1
     balance_power: float = 0.5  # sampling weight 1 / count**power per (modality, task)
     histo_grounding_boost: float = 2.0  # extra weight for histopathology grounding (4 train tiles only)
+    label_balance_power: float = 0.5  # inside a modality's grounding, label weight 1 / share**power (rare lesions)
+    online_share: float = 0.5  # share of VQA slots filled with questions drawn afresh (training.online)
+    online_presence: float = 0.25  # ... of which presence yes/no questions (the rest: region questions)
+    mask_logit_shift: float = 1.4  # mask losses on logit + shift: the engine's 10 % threshold = 31 % here
     postprocess: str = "crop"  # mask geometry trained and shipped (config.json "mask_postprocess")
-    evals: int = 2  # val evaluations during stage 3 (the best is kept)
+    evals: int = 4  # val evaluations during stage 3 (the best is kept)
+    val_limit: int | None = None  # score only the first N val samples (smoke tests)
     seed: int = SEED
 
     def model_config(self, vocab_size: int) -> MedPLIBConfig:
@@ -101,8 +108,8 @@ class TrainConfig:
                   "num_hidden_layers": self.clip_layers, "num_attention_heads": 2, "image_size": 336,
                   "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
                   "projection_dim": self.clip_hidden, "num_channels": 3},
-            sam=SamMed2DConfig(encoder_embed_dim=self.sam_embed, encoder_depth=2, encoder_num_heads=4,
-                               encoder_global_attn_indexes=(1,), prompt_embed_dim=self.sam_prompt,
+            sam=SamMed2DConfig(encoder_embed_dim=self.sam_embed, encoder_depth=self.sam_depth, encoder_num_heads=4,
+                               encoder_global_attn_indexes=(self.sam_depth - 1,), prompt_embed_dim=self.sam_prompt,
                                decoder_mlp_dim=2 * self.sam_prompt, iou_head_hidden_dim=self.sam_prompt),
             mm_hidden_size=self.clip_hidden,
             out_dim=self.sam_prompt,
@@ -123,6 +130,7 @@ class Example:
     image: np.ndarray
     region: np.ndarray | None = None
     gt: np.ndarray | None = None
+    label: str | None = None  # grounding: the structure asked for (from the mask file name)
 
 
 def _read_mask(path: Path) -> np.ndarray:
@@ -143,26 +151,35 @@ def load_examples(samples: list[dict], root: Path) -> list[Example]:
             task=s["task"], modality=s["modality"], question=_REGION_RE.sub("<region>", question).strip(),
             answer=_MASK_RE.sub("", answer).strip(), image=images[s["image"]],
             region=_read_mask(root / region_path.group(1)) if region_path else None,
-            gt=_read_mask(root / gt_path.group(1)) if gt_path else None))
+            gt=_read_mask(root / gt_path.group(1)) if gt_path else None,
+            label=Path(gt_path.group(1)).stem.split("--")[-1] if gt_path else None))
     return out
 
 
+MICROSCOPY = ("histopathology", "fluorescence microscopy", "phase microscopy")  # no up, down, left or right
+
+
 def augment(ex: Example, rng: random.Random) -> Example:
-    """Horizontal flip, a small aspect-keeping crop and an intensity change, applied alike to all arrays."""
+    """Horizontal flip, a small aspect-keeping crop and an intensity change, applied alike to all arrays;
+    microscopy tiles, which have no orientation, also get a random quarter turn."""
     arrays = [ex.image, ex.region, ex.gt]
     if rng.random() < 0.5:
         arrays = [None if a is None else a[:, ::-1] for a in arrays]
+    if ex.modality in MICROSCOPY and (turns := rng.randrange(4)):
+        arrays = [None if a is None else np.rot90(a, turns) for a in arrays]
     if rng.random() < 0.5:
-        h, w = ex.image.shape[:2]
+        h, w = arrays[0].shape[:2]  # after the turn
         scale = rng.uniform(0.85, 1.0)
         ch, cw = max(int(h * scale), 16), max(int(w * scale), 16)
         top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
         cropped = [None if a is None else a[top:top + ch, left:left + cw] for a in arrays]
         if (cropped[1] is None or region_grid(cropped[1]).any()) and (cropped[2] is None or cropped[2].any()):
             arrays = cropped
+    if arrays[1] is not None and not region_grid(arrays[1]).any():  # a small region fell between the patches
+        arrays = [ex.image, ex.region, ex.gt]
     image = arrays[0].astype(np.float32) / 255.0
     image = np.clip(image ** rng.uniform(0.75, 1.35) * rng.uniform(0.85, 1.15) + rng.uniform(-0.06, 0.06), 0, 1)
-    return Example(task=ex.task, modality=ex.modality, question=ex.question, answer=ex.answer,
+    return Example(task=ex.task, modality=ex.modality, question=ex.question, answer=ex.answer, label=ex.label,
                    image=np.ascontiguousarray((image * 255 + 0.5).astype(np.uint8)),
                    region=None if arrays[1] is None else np.ascontiguousarray(arrays[1]),
                    gt=None if arrays[2] is None else np.ascontiguousarray(arrays[2]))
@@ -180,8 +197,9 @@ class RoutingControl:
 
     def _bind(self, moe: Top1MoE):
         def forward(hidden: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-            if self.forced is not None:
-                moe.last_router_logits = None
+            if self.forced is not None:  # report the forced choice as the engine's MoE would (p = 1)
+                moe.last_choice = torch.full(hidden.shape[:-1], self.forced, dtype=torch.long)
+                moe.last_router_logits = F.one_hot(moe.last_choice, len(moe.experts)).float() * 30.0
                 return moe.experts[self.forced](hidden)
             logits = F.linear(hidden.float(), moe.router.weight.float())  # (B, T, E)
             probs = logits.softmax(-1)
@@ -220,8 +238,10 @@ class BatchLoss:
 
 
 # The engine keeps a pixel when sigmoid(logit) > 0.1 (MASK_THRESHOLD, MedPLIB's evaluation and demo). The mask
-# losses see the raw logits: an earlier recipe shifted them by log 9 to put that threshold on the 50 % contour,
-# which left uncertain masks (histopathology nuclei) entirely below it, i.e. empty.
+# losses see logit + `mask_logit_shift`, so that threshold lands on the trained probability sigmoid(-2.197 + shift).
+# Shift 0 (raw logits) keeps every pixel the model gives 10 %: masks of thin structures grow too wide; log 9 (the
+# 50 % contour) left uncertain masks (histopathology nuclei) entirely below it, i.e. empty. In between, about
+# 30 %, scored best on val (Dice is best served by a threshold below 50 %).
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -254,12 +274,12 @@ def batch_loss(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingContr
         picked.append(hidden[i, start:start + len(answer)])
         labels += answer
     ce = F.cross_entropy(model.logits(torch.cat(picked)), torch.tensor(labels))
-    total, parts = ce, {"ce": float(ce)}
+    total, parts = ce, {"ce": ce.item()}
     seg = [i for i, ex in enumerate(batch) if ex.gt is not None]
     if seg:
         bce, dice = mask_losses(model, tok, batch, seg, hidden, spans, cfg)
         total = total + cfg.bce_weight * bce + cfg.dice_weight * dice
-        parts |= {"bce": float(bce), "dice": float(dice)}
+        parts |= {"bce": bce.item(), "dice": dice.item()}
     if routing.forced is None and cfg.router_weight > 0:
         targets = torch.full(hidden.shape[:2], -100, dtype=torch.long)
         for i, (ex, (start, answer, prompt_len)) in enumerate(zip(batch, spans, strict=True)):
@@ -267,7 +287,7 @@ def batch_loss(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingContr
             targets[i, first_text:start + len(answer)] = GROUNDING_EXPERT if ex.task == "grounding" else VQA_EXPERT
         rl = routing.router_loss(targets)
         total = total + cfg.router_weight * rl
-        parts["route"] = float(rl)
+        parts["route"] = rl.item()
     return BatchLoss(total=total, parts=parts)
 
 
@@ -293,7 +313,7 @@ def mask_losses(model: MedPLIBModel, tok: MedPLIBTokenizer, batch: list[Example]
         emb = model.seg_embedding(hidden[i, start + answer.index(seg_id)])  # (1, 1, out_dim)
         low, _ = model.sam.decode_with_text(embeddings[j:j + 1], emb)  # (1, 1, 64, 64)
         gt = torch.from_numpy(batch[i].gt.astype(np.float32))
-        logits = postprocess_masks(low, sam_in[j][1], gt.shape, mode=cfg.postprocess)[0, 0]  # (H, W)
+        logits = postprocess_masks(low, sam_in[j][1], gt.shape, mode=cfg.postprocess)[0, 0] + cfg.mask_logit_shift
         bces.append(F.binary_cross_entropy_with_logits(logits, gt))
         dices.append(dice_loss(logits, gt))
     return torch.stack(bces).mean(), torch.stack(dices).mean()
@@ -330,20 +350,50 @@ def stage_pool(stage: str, train: list[Example]) -> tuple[list[Example], list[Ex
 
 def balance_weights(examples: list[Example], cfg: TrainConfig) -> list[float]:
     """Sampling weights 1 / count**balance_power (count: examples of the same modality and task), histopathology
-    grounding boosted: rare modalities are seen more often."""
-    counts: dict[tuple[str, str], int] = {}
+    grounding boosted: rare modalities are seen more often. Inside a group, labels (grounding only) are weighted
+    1 / share**label_balance_power, rescaled so that the group keeps its total weight: rare structures (the
+    few lesions among hundreds of brain, grey- and white-matter masks) are asked for more often."""
+    groups: dict[tuple[str, str], int] = {}
+    labels: dict[tuple[str, str, str | None], int] = {}
     for e in examples:
-        counts[(e.modality, e.task)] = counts.get((e.modality, e.task), 0) + 1
+        groups[(e.modality, e.task)] = groups.get((e.modality, e.task), 0) + 1
+        labels[(e.modality, e.task, e.label)] = labels.get((e.modality, e.task, e.label), 0) + 1
+    label_w = {k: (n / groups[k[:2]]) ** -cfg.label_balance_power for k, n in labels.items()}
+    norm: dict[tuple[str, str], float] = {}
+    for k, n in labels.items():
+        norm[k[:2]] = norm.get(k[:2], 0.0) + n * label_w[k] / groups[k[:2]]
     boost = {("histopathology", "grounding"): cfg.histo_grounding_boost}
-    return [counts[(e.modality, e.task)] ** -cfg.balance_power * boost.get((e.modality, e.task), 1.0)
-            for e in examples]
+    return [groups[(e.modality, e.task)] ** -cfg.balance_power * boost.get((e.modality, e.task), 1.0)
+            * label_w[(e.modality, e.task, e.label)] / norm[(e.modality, e.task)] for e in examples]
+
+
+class OnlineDraws:
+    """Region and presence questions drawn afresh (training.online), images picked modality-balanced."""
+
+    def __init__(self, images: list[OnlineImage], cfg: TrainConfig) -> None:
+        self.images, self.cfg = images, cfg
+        counts: dict[str, int] = {}
+        for item in images:
+            counts[item.modality] = counts.get(item.modality, 0) + 1
+        self.weights = [counts[item.modality] ** -cfg.balance_power for item in images]
+
+    def draw(self, rng: random.Random) -> Example:
+        while True:
+            item = rng.choices(self.images, self.weights)[0]
+            s = presence_sample(item, rng) if rng.random() < self.cfg.online_presence else region_sample(item, rng)
+            if s is not None:
+                return Example(task=s.task, modality=s.modality, question=s.question, answer=s.answer,
+                               image=s.image, region=s.region)
 
 
 def sample_batch(vqa: list[Example], ground: list[Example], cfg: TrainConfig, rng: random.Random,
-                 weights: tuple[list[float], list[float]]) -> list[Example]:
+                 weights: tuple[list[float], list[float]], online: OnlineDraws | None = None) -> list[Example]:
     n_ground = len(ground) and (cfg.batch_size if not vqa else round(cfg.batch_size * cfg.grounding_share))
     picked = rng.choices(ground, weights[1], k=n_ground) if n_ground else []
-    picked += rng.choices(vqa, weights[0], k=cfg.batch_size - n_ground) if vqa else []
+    if vqa:
+        for _ in range(cfg.batch_size - n_ground):
+            fresh = online is not None and rng.random() < cfg.online_share
+            picked.append(online.draw(rng) if fresh else rng.choices(vqa, weights[0])[0])
     return [augment(ex, rng) for ex in picked]
 
 
@@ -356,7 +406,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingControl,
               train: list[Example], cfg: TrainConfig, rng: random.Random, steps: int,
-              on_eval=None) -> None:
+              on_eval=None, online: OnlineDraws | None = None) -> None:
     """Optimise one stage for `steps` steps; `on_eval(step)` is called `cfg.evals` times in the MoE stage."""
     params = set_trainable(model, stage)
     routing.forced = {"vl_expert": VQA_EXPERT, "grounding_expert": GROUNDING_EXPERT}.get(stage)
@@ -370,7 +420,7 @@ def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: R
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, peak, cfg.warmup)
-        loss = batch_loss(model, tok, routing, sample_batch(vqa, ground, cfg, rng, weights), cfg)
+        loss = batch_loss(model, tok, routing, sample_batch(vqa, ground, cfg, rng, weights, online), cfg)
         opt.zero_grad(set_to_none=True)
         loss.total.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -413,12 +463,13 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig) -> dict:
     log.info("model: %.2f M parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     routing = RoutingControl(model)
     examples = [e for e in load_examples(splits["train"], assets) if e.region is None or region_grid(e.region).any()]
+    online = OnlineDraws(load_online_images(assets), cfg) if cfg.online_share > 0 else None
     rng = random.Random(cfg.seed)
     best: dict = {"score": -1.0}
 
     def on_eval(step: int) -> None:
         folder = write_checkpoint(model, work / "candidate", sp_model=sp_path)
-        metrics = evaluate_folder(folder, splits["val"], assets)
+        metrics = evaluate_folder(folder, splits["val"], assets, limit=cfg.val_limit)
         score = selection_score(metrics)
         log.info("val after stage-3 step %d: score %.3f %s", step + 1, score, _short(metrics))
         if score > best["score"]:
@@ -427,7 +478,8 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig) -> dict:
             shutil.copytree(folder, work / "best")
 
     for stage, steps in zip(STAGES, cfg.steps, strict=True):
-        run_stage(stage, model, tok, routing, examples, cfg, rng, steps, on_eval if stage == "moe" else None)
+        run_stage(stage, model, tok, routing, examples, cfg, rng, steps, on_eval if stage == "moe" else None,
+                  online=online)
     out.mkdir(parents=True, exist_ok=True)
     for path in (work / "best").iterdir():
         target = out / path.name

@@ -1,0 +1,113 @@
+"""Questions drawn afresh during training (training.online) keep the corpus's task, rule and wording."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.processing import region_grid
+from training import corpus as corpus_mod
+from training.online import OnlineImage, background_answer, load_online_images, presence_sample, region_sample
+from training.train import Example, augment
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "medimages"
+
+
+@pytest.fixture(scope="module")
+def images() -> list[OnlineImage]:
+    return load_online_images(ASSETS)
+
+
+def test_only_train_images_are_drawn_from(images: list[OnlineImage]) -> None:
+    train = [r for r in corpus_mod.load_index(ASSETS) if r["split"] == "train" and r["masks"]]
+    assert len(images) == len(train)
+    assert {i.modality for i in images} == {r["modality"] for r in train}
+
+
+def test_region_answers_follow_the_corpus_rule_and_wording(images: list[OnlineImage]) -> None:
+    rng = random.Random(0)
+    wording = {t.format(region="").replace("<region></region>", "<region>")
+               for t in corpus_mod.REGION_WHAT_QUESTIONS}
+    seen = set()
+    for _ in range(300):
+        item = rng.choice(images)
+        s = region_sample(item, rng)
+        if s is None:
+            continue
+        assert s.task == "region" and s.question.count("<region>") == 1 and "</region>" not in s.question
+        assert s.region.shape == item.image.shape[:2] and region_grid(s.region).any()
+        if s.answer in ("yes", "no"):
+            label = next(lab for lab in item.masks if f" {lab} " in f" {s.question} ".replace("?", " "))
+            assert s.answer == corpus_mod.point_in_label_answer(s.region, item.masks[label])
+            seen.add("yes/no")
+        elif s.answer.startswith("The region shows background"):
+            assert not (s.region & item.union).any()
+            assert s.answer == background_answer(list(item.masks))
+            seen.add("background")
+        else:
+            assert s.question in wording
+            assert s.answer == f"The region shows the {corpus_mod.region_label(s.region, item.masks)}."
+            seen.add("label")
+    assert seen == {"yes/no", "background", "label"}
+
+
+def test_presence_answers_match_the_labels_of_the_image(images: list[OnlineImage]) -> None:
+    rng = random.Random(1)
+    answers = set()
+    for _ in range(200):
+        item = rng.choice(images)
+        s = presence_sample(item, rng)
+        label = next(lab for lab in (*item.masks, *item.absent) if lab in s.question)
+        assert s.answer == ("yes" if label in item.masks else "no")
+        answers.add(s.answer)
+    assert answers == {"yes", "no"}
+
+
+def test_quarter_turns_keep_image_region_and_mask_aligned() -> None:
+    image = np.zeros((20, 30, 3), dtype=np.uint8)
+    image[2:5, 3:9] = 255
+    mask = image[..., 0] > 0
+    ex = Example(task="grounding", modality="histopathology", question="q", answer="a", image=image,
+                 region=mask.copy(), gt=mask.copy())
+    shapes = set()
+    for seed in range(12):
+        out = augment(ex, random.Random(seed))
+        shapes.add(out.image.shape[:2])
+        bright = out.image[..., 0] > 128
+        assert np.array_equal(out.gt, out.region)
+        assert (bright == out.gt).mean() > 0.97  # the same pixels, up to the intensity change at the edges
+    assert any(h > w for h, w in shapes)  # some draws turned the 20x30 tile on its side
+
+
+def test_augmented_regions_always_cover_a_clip_patch(images: list[OnlineImage]) -> None:
+    """Regression: a flipped or turned small region could fall between the 14-px patch sample points, and a
+    crop after a quarter turn used the unturned sides; the engine then refused the region mid-training."""
+    rng = random.Random(3)
+    for _ in range(400):
+        item = rng.choice(images)
+        s = region_sample(item, rng)
+        if s is None:
+            continue
+        ex = Example(task=s.task, modality="histopathology", question=s.question, answer=s.answer,
+                     image=s.image, region=s.region)
+        out = augment(ex, rng)
+        assert out.region.shape == out.image.shape[:2] and region_grid(out.region).any()
+
+
+def test_rare_grounding_labels_are_drawn_more_often_and_groups_keep_their_weight() -> None:
+    from training.train import TrainConfig, balance_weights
+
+    image = np.zeros((4, 4, 3), dtype=np.uint8)
+    examples = [Example(task="grounding", modality="MRI", question="q", answer="<SEG>", image=image, label=lab)
+                for lab in ["brain"] * 90 + ["lesion"] * 10]
+    examples += [Example(task="complex", modality="MRI", question="q", answer="a", image=image)] * 100
+    flat = balance_weights(examples, TrainConfig(label_balance_power=0.0))
+    weights = balance_weights(examples, TrainConfig(label_balance_power=0.5))
+    assert weights[-1] == pytest.approx(flat[-1])  # VQA untouched
+    assert sum(weights[:100]) == pytest.approx(sum(flat[:100]))  # the MRI grounding group keeps its mass
+    lesion_share = sum(weights[90:100]) / sum(weights[:100])
+    assert lesion_share == pytest.approx(10 * 10 ** 0.5 / (90 * (10 / 9) ** 0.5 + 10 * 10 ** 0.5))
+    assert lesion_share > 0.2  # 10 % of the masks, a quarter of the draws
