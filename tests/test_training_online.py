@@ -111,3 +111,29 @@ def test_rare_grounding_labels_are_drawn_more_often_and_groups_keep_their_weight
     lesion_share = sum(weights[90:100]) / sum(weights[:100])
     assert lesion_share == pytest.approx(10 * 10 ** 0.5 / (90 * (10 / 9) ** 0.5 + 10 * 10 ** 0.5))
     assert lesion_share > 0.2  # 10 % of the masks, a quarter of the draws
+
+
+def test_stage_two_leaves_the_word_rows_of_embeddings_and_lm_head_alone() -> None:
+    import torch
+
+    from engine.loading import DEFAULT_MODEL_DIR
+    from engine.tokenizer import MedPLIBTokenizer
+    from training.train import TrainConfig, init_model, keep_vqa_rows, set_trainable
+
+    tok = MedPLIBTokenizer.from_folder(DEFAULT_MODEL_DIR)
+    model = init_model(TrainConfig().model_config(tok.vocab_size), seed=0)
+    before = [w.detach().clone() for w in (model.lm_head.weight, model.llm.embed_tokens.weight)]
+    params = set_trainable(model, "grounding_expert")
+    hooks = keep_vqa_rows(model, tok)
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    for _ in range(2):
+        loss = sum((w * torch.randn_like(w)).sum() for w in (model.lm_head.weight, model.llm.embed_tokens.weight))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for hook in hooks:
+        hook.remove()
+    for old, new in zip(before, (model.lm_head.weight, model.llm.embed_tokens.weight), strict=True):
+        changed = (old != new).any(dim=1)
+        assert not changed[: tok.sp_vocab_size][torch.arange(tok.sp_vocab_size) != tok.eos_id].any()
+        assert changed[tok.seg_token_id] and changed[tok.eos_id]

@@ -93,6 +93,7 @@ class TrainConfig:
     label_balance_power: float = 0.5  # inside a modality's grounding, label weight 1 / share**power (rare lesions)
     online_share: float = 0.5  # share of VQA slots filled with questions drawn afresh (training.online)
     online_presence: float = 0.25  # ... of which presence yes/no questions (the rest: region questions)
+    grounding_rows_only: bool = True  # stage 2 updates only the <SEG>-side rows of embed_tokens / lm_head
     mask_logit_shift: float = 1.4  # mask losses on logit + shift: the engine's 10 % threshold = 31 % here
     postprocess: str = "crop"  # mask geometry trained and shipped (config.json "mask_postprocess")
     evals: int = 4  # val evaluations during stage 3 (the best is kept)
@@ -409,6 +410,7 @@ def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: R
               on_eval=None, online: OnlineDraws | None = None) -> None:
     """Optimise one stage for `steps` steps; `on_eval(step)` is called `cfg.evals` times in the MoE stage."""
     params = set_trainable(model, stage)
+    hooks = keep_vqa_rows(model, tok) if stage == "grounding_expert" and cfg.grounding_rows_only else []
     routing.forced = {"vl_expert": VQA_EXPERT, "grounding_expert": GROUNDING_EXPERT}.get(stage)
     peak = cfg.lr[STAGES.index(stage)]
     opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=0.0)
@@ -430,7 +432,19 @@ def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: R
             model.eval()
             on_eval(step)
             model.train()
+    for hook in hooks:
+        hook.remove()
     model.eval()
+
+
+def keep_vqa_rows(model: MedPLIBModel, tok: MedPLIBTokenizer) -> list:
+    """Gradient hooks that let stage 2 change only the rows of MedPLIB's added tokens (`<SEG>` among them) and of
+    `</s>` in `embed_tokens` and `lm_head`: the word rows the VL expert learnt in stage 1 stay as they were
+    (with no weight decay, AdamW leaves a row whose gradient is always zero untouched)."""
+    rows = torch.zeros(model.lm_head.weight.shape[0], 1)
+    rows[tok.sp_vocab_size:] = 1.0
+    rows[tok.eos_id] = 1.0
+    return [w.register_hook(lambda g: g * rows.to(g.dtype)) for w in (model.lm_head.weight, model.llm.embed_tokens.weight)]
 
 
 # ---------------------------------------------------------------------------------------------- driver
