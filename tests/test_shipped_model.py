@@ -19,12 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets" / "medimages"
 CI_SUBSET = ASSETS / "ci_subset.json"
 MAX_CHECKPOINT_BYTES = 25 * 1024 * 1024
-# Regression floors a little below what the shipped model scores on the CI subset (mDice 0.77: MRI 0.67,
-# fluorescence 0.88, histopathology 0.75, nuclear medicine 0.81; closed 2/2; region 3/8). They are BELOW the
-# issue's targets (mDice 0.80, closed 0.90, region 0.80), which this model misses: see MODEL_CARD.md. The
-# subset is small (23 samples).
-FLOORS = {"mDice": 0.70, "closed_accuracy": 0.50, "region_accuracy": 0.25}
-MODALITY_DICE_FLOORS = {"MRI": 0.62, "fluorescence microscopy": 0.80, "histopathology": 0.60,
+# Regression floors a little below what the shipped model scores on the CI subset (39 samples: mDice 0.69 with MRI
+# 0.57, fluorescence 0.91, histopathology 0.67, nuclear medicine 0.81; closed 6/6; region 9/13). On the full test
+# split it reaches the closed (0.96) and region (0.81) targets and every per-modality Dice floor, and misses
+# the overall mDice target (0.74 < 0.80): see MODEL_CARD.md.
+FLOORS = {"mDice": 0.62, "closed_accuracy": 0.80, "region_accuracy": 0.55}
+MODALITY_DICE_FLOORS = {"MRI": 0.50, "fluorescence microscopy": 0.80, "histopathology": 0.57,
                         "nuclear medicine": 0.70}
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(),

@@ -38,7 +38,7 @@ SEED = 20250101
 SPLITS = ("train", "val", "test")
 TASK_FILES = {"complex": "MeCoVQA_Complex_VQA", "region": "MeCoVQA_Region_VQA", "grounding": "MeCoVQA_Grounding"}
 CI_SUBSET_NAME = "ci_subset.json"
-CI_PER_TASK_AND_MODALITY = 2
+CI_PER_TASK_AND_MODALITY = 4
 SEG_TOKEN = "<SEG>"
 
 MODALITY_QUESTIONS = (

@@ -79,7 +79,7 @@ class TrainConfig:
     sam_embed: int = 96
     sam_depth: int = 2  # the last encoder block attends globally, the others in windows
     sam_prompt: int = 64
-    steps: tuple[int, int, int] = (500, 900, 700)
+    steps: tuple[int, int, int] = (1500, 1500, 1800)
     corpus_draws: int = 5  # train on the union of this many corpus draws (other templates / regions / labels)
     batch_size: int = 8
     lr: tuple[float, float, float] = (2e-3, 2e-3, 1e-3)
@@ -90,9 +90,9 @@ class TrainConfig:
     router_weight: float = 0.1
     balance_power: float = 0.5  # sampling weight 1 / count**power per (modality, task)
     histo_grounding_boost: float = 2.0  # extra weight for histopathology grounding (4 train tiles only)
-    label_balance_power: float = 0.5  # inside a modality's grounding, label weight 1 / share**power (rare lesions)
-    online_share: float = 0.5  # share of VQA slots filled with questions drawn afresh (training.online)
-    online_presence: float = 0.25  # ... of which presence yes/no questions (the rest: region questions)
+    label_balance_power: float = 0.0  # > 0: inside a modality's grounding, label weight 1 / share**power (off: see README)
+    online_share: float = 0.4  # share of VQA slots filled with questions drawn afresh (training.online)
+    online_presence: float = 0.4  # ... of which presence yes/no questions (the rest: region questions)
     grounding_rows_only: bool = True  # stage 2 updates only the <SEG>-side rows of embed_tokens / lm_head
     mask_logit_shift: float = 1.4  # mask losses on logit + shift: the engine's 10 % threshold = 31 % here
     postprocess: str = "crop"  # mask geometry trained and shipped (config.json "mask_postprocess")
