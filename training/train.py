@@ -6,12 +6,13 @@ MedPLIB's staged recipe at toy scale (reference/medplib.md §7.1), every stage o
   1. vision-language expert: CLIP, projector, region adapter, embeddings, attention, lm_head and expert 1 of
      every MoE layer on complex + region VQA, every token routed to expert 1;
   2. grounding expert: expert 0, SAM-Med2D (encoder trained too: no pretrained SAM exists here),
-     `text_hidden_fcs`, embeddings and lm_head on grounding, every token routed to expert 0; losses
-     CE + BCE + Dice on the mask;
+     `text_hidden_fcs`, and the added-token and `</s>` rows of embeddings and lm_head (`keep_vqa_rows`) on
+     grounding, every token routed to expert 0; losses CE + BCE + Dice on the mask;
   3. MoE: everything, with the top-1 router deciding per token exactly as at inference (y = p_e · expert_e(x)),
      on all three tasks. Unlike the paper (aux loss 0) a small routing loss nudges the tokens after the image
      towards the expert of the sample's task (0 grounding, 1 VQA); tokens before the question are the same
      for both tasks and are left to the router.
+In stages 1 and 3 part of the VQA batch is region and yes/no questions drawn afresh (`training.online`).
 The prompt is the engine's own (`build_prompt(template="llava_v1")` + `encode_prompt`), the answer ids are
 those the engine teacher-forces (answer + `</s>`), the mask loss is on `postprocess_masks` output at image
 size in the "crop" geometry, which the checkpoint declares (`config.json["mask_postprocess"]`). The best stage-3 checkpoint on the val split
