@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ class OnlineImage:
     masks: dict[str, np.ndarray]
     absent: tuple[str, ...]
 
-    @property
+    @cached_property  # asked at every region draw
     def union(self) -> np.ndarray:
         return np.logical_or.reduce(list(self.masks.values()))
 
@@ -64,18 +65,15 @@ class OnlineSample:
     region: np.ndarray | None
 
 
-def load_online_images(assets: Path, images: dict[str, np.ndarray] | None = None) -> list[OnlineImage]:
-    """The train records of `<assets>/index.json` with their arrays (`images`: already loaded, by path)."""
+def load_online_images(assets: Path) -> list[OnlineImage]:
+    """The train records of `<assets>/index.json` with their image and mask arrays."""
     records = load_index(assets)
     absent = absent_labels(records)
-    images = images or {}
     out = []
     for r in records:
         if r["split"] != "train" or not r["masks"]:
             continue
-        image = images.get(r["image"])
-        if image is None:
-            image = np.asarray(Image.open(assets / r["image"]).convert("RGB"))
+        image = np.asarray(Image.open(assets / r["image"]).convert("RGB"))
         masks = {m["label"]: np.asarray(Image.open(assets / m["path"]).convert("L")) > 127 for m in r["masks"]}
         out.append(OnlineImage(modality=r["modality"], image=image, masks=masks, absent=tuple(absent[r["id"]])))
     return out
