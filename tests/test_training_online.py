@@ -137,3 +137,31 @@ def test_stage_two_leaves_the_word_rows_of_embeddings_and_lm_head_alone() -> Non
         changed = (old != new).any(dim=1)
         assert not changed[: tok.sp_vocab_size][torch.arange(tok.sp_vocab_size) != tok.eos_id].any()
         assert changed[tok.seg_token_id] and changed[tok.eos_id]
+
+
+def test_stage_four_changes_only_the_mask_decoder_side() -> None:
+    """Stage 4 ("mask_decoder") trains SAM-Med2D and `text_hidden_fcs` on grounding with the LLM, CLIP and
+    projector frozen: every weight the answers depend on stays bit-identical."""
+    import random
+
+    import torch
+
+    from engine.loading import DEFAULT_MODEL_DIR
+    from engine.tokenizer import MedPLIBTokenizer
+    from training.train import RoutingControl, TrainConfig, init_model, run_stage
+
+    tok = MedPLIBTokenizer.from_folder(DEFAULT_MODEL_DIR)
+    cfg = TrainConfig(batch_size=2, warmup=1)
+    model = init_model(cfg.model_config(tok.vocab_size), seed=0)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)
+    gt = np.zeros((48, 40), dtype=bool)
+    gt[10:30, 8:25] = True
+    ground = [Example(task="grounding", modality="MRI", question="Segment the brain.", answer="<SEG>",
+                      image=image, gt=gt, label="brain")]
+    run_stage("mask_decoder", model, tok, RoutingControl(model), ground, cfg, random.Random(0), steps=2)
+    after = model.state_dict()
+    changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    assert changed and all(k.startswith(("sam.", "text_hidden_fcs.")) for k in changed)
+    assert any(k.startswith("sam.") for k in changed) and any(k.startswith("text_hidden_fcs.") for k in changed)

@@ -11,17 +11,21 @@ MedPLIB's staged recipe at toy scale (reference/medplib.md §7.1), every stage o
   3. MoE: everything, with the top-1 router deciding per token exactly as at inference (y = p_e · expert_e(x)),
      on all three tasks. Unlike the paper (aux loss 0) a small routing loss nudges the tokens after the image
      towards the expert of the sample's task (0 grounding, 1 VQA); tokens before the question are the same
-     for both tasks and are left to the router.
+     for both tasks and are left to the router;
+  4. mask decoder (not in the paper): from the best stage-3 checkpoint, only SAM-Med2D and `text_hidden_fcs` on
+     grounding, the LLM frozen and run without autograd, so the answers cannot change and the masks improve.
 In stages 1 and 3 part of the VQA batch is region and yes/no questions drawn afresh (`training.online`).
 The prompt is the engine's own (`build_prompt(template="llava_v1")` + `encode_prompt`), the answer ids are
 those the engine teacher-forces (answer + `</s>`), the mask loss is on `postprocess_masks` output at image
 size in the "crop" geometry, which the checkpoint declares (`config.json["mask_postprocess"]`). The best stage-3 checkpoint on the val split
-(scored by `engine.evaluate` through the real loader and `Engine`) is written in the released layout.
+(scored by `engine.evaluate` through the real loader and `Engine`), or of stage 4 if better, is written in the
+released layout.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -80,10 +84,10 @@ class TrainConfig:
     sam_embed: int = 96
     sam_depth: int = 2  # the last encoder block attends globally, the others in windows
     sam_prompt: int = 64
-    steps: tuple[int, int, int] = (1500, 1500, 1800)
+    steps: tuple[int, int, int, int] = (1500, 1800, 1800, 1500)
     corpus_draws: int = 5  # train on the union of this many corpus draws (other templates / regions / labels)
     batch_size: int = 8
-    lr: tuple[float, float, float] = (2e-3, 2e-3, 1e-3)
+    lr: tuple[float, float, float, float] = (2e-3, 2e-3, 1e-3, 1e-3)
     warmup: int = 50
     grounding_share: float = 0.5  # stage 3: share of grounding samples in a batch
     bce_weight: float = 2.0
@@ -91,13 +95,13 @@ class TrainConfig:
     router_weight: float = 0.1
     balance_power: float = 0.5  # sampling weight 1 / count**power per (modality, task)
     histo_grounding_boost: float = 2.0  # extra weight for histopathology grounding (4 train tiles only)
-    label_balance_power: float = 0.0  # > 0: inside a modality's grounding, label weight 1 / share**power (off: see README)
+    label_balance_power: float = 0.5  # inside a modality's grounding, label weight 1 / share**power (README: why)
     online_share: float = 0.4  # share of VQA slots filled with questions drawn afresh (training.online)
     online_presence: float = 0.4  # ... of which presence yes/no questions (the rest: region questions)
     grounding_rows_only: bool = True  # stage 2 updates only the <SEG>-side rows of embed_tokens / lm_head
     mask_logit_shift: float = 1.4  # mask losses on logit + shift: the engine's 10 % threshold = 31 % here
     postprocess: str = "crop"  # mask geometry trained and shipped (config.json "mask_postprocess")
-    evals: int = 4  # val evaluations during stage 3 (the best is kept)
+    evals: int = 4  # val evaluations during stages 3 and 4 (the best is kept)
     val_limit: int | None = None  # score only the first N val samples (smoke tests)
     seed: int = SEED
 
@@ -254,11 +258,42 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def batch_loss(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingControl, batch: list[Example],
                cfg: TrainConfig) -> BatchLoss:
-    """Answer-token CE (+ mask BCE/Dice for grounding, + routing loss when the router decides)."""
+    """Answer-token CE (+ mask BCE/Dice for grounding, + routing loss when the router decides).
+
+    With the LLM frozen (stage 4) its pass runs without autograd and the CE is only reported."""
+    llm_trains = any(p.requires_grad for p in model.llm.parameters())
+    with torch.set_grad_enabled(llm_trains and torch.is_grad_enabled()):
+        hidden, spans = teacher_forced_hidden(model, tok, batch)
+        picked, labels = [], []
+        for i, (start, answer, _) in enumerate(spans):
+            picked.append(hidden[i, start:start + len(answer)])
+            labels += answer
+        ce = F.cross_entropy(model.logits(torch.cat(picked)), torch.tensor(labels))
+    total, parts = (ce if llm_trains else torch.zeros(())), {"ce": ce.item()}
+    seg = [i for i, ex in enumerate(batch) if ex.gt is not None]
+    if seg:
+        bce, dice = mask_losses(model, tok, batch, seg, hidden, spans, cfg)
+        total = total + cfg.bce_weight * bce + cfg.dice_weight * dice
+        parts |= {"bce": bce.item(), "dice": dice.item()}
+    if routing.forced is None and cfg.router_weight > 0 and llm_trains:
+        targets = torch.full(hidden.shape[:2], -100, dtype=torch.long)
+        for i, (ex, (start, answer, prompt_len)) in enumerate(zip(batch, spans, strict=True)):
+            first_text = _image_end(tok, batch, i, prompt_len)
+            targets[i, first_text:start + len(answer)] = GROUNDING_EXPERT if ex.task == "grounding" else VQA_EXPERT
+        rl = routing.router_loss(targets)
+        total = total + cfg.router_weight * rl
+        parts["route"] = rl.item()
+    return BatchLoss(total=total, parts=parts)
+
+
+def teacher_forced_hidden(model: MedPLIBModel, tok: MedPLIBTokenizer,
+                          batch: list[Example]) -> tuple[torch.Tensor, list[tuple[int, list[int], int]]]:
+    """The LLM's post-norm hidden states (B, T, C) over prompt + answer (teacher forcing, right-padded), and per
+    sample (position predicting the first answer token, answer ids, prompt length)."""
     clip_px = torch.from_numpy(np.stack([clip_preprocess(ex.image) for ex in batch]))
     feats = model.clip_features(clip_px)  # (B, 576, mm)
     image_tokens = model.project_image(feats)  # (B, 576, C)
-    rows, labels, spans = [], [], []
+    rows, spans = [], []
     for i, ex in enumerate(batch):
         enc = encode(tok, ex)
         region = None
@@ -271,26 +306,7 @@ def batch_loss(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingContr
     width = max(r.shape[0] for r in rows)
     embeds = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])  # (B, T, C)
     hidden, _ = model.llm(embeds)  # (B, T, C) post-norm
-    picked, labels = [], []
-    for i, (start, answer, _) in enumerate(spans):
-        picked.append(hidden[i, start:start + len(answer)])
-        labels += answer
-    ce = F.cross_entropy(model.logits(torch.cat(picked)), torch.tensor(labels))
-    total, parts = ce, {"ce": ce.item()}
-    seg = [i for i, ex in enumerate(batch) if ex.gt is not None]
-    if seg:
-        bce, dice = mask_losses(model, tok, batch, seg, hidden, spans, cfg)
-        total = total + cfg.bce_weight * bce + cfg.dice_weight * dice
-        parts |= {"bce": bce.item(), "dice": dice.item()}
-    if routing.forced is None and cfg.router_weight > 0:
-        targets = torch.full(hidden.shape[:2], -100, dtype=torch.long)
-        for i, (ex, (start, answer, prompt_len)) in enumerate(zip(batch, spans, strict=True)):
-            first_text = _image_end(tok, batch, i, prompt_len)
-            targets[i, first_text:start + len(answer)] = GROUNDING_EXPERT if ex.task == "grounding" else VQA_EXPERT
-        rl = routing.router_loss(targets)
-        total = total + cfg.router_weight * rl
-        parts["route"] = rl.item()
-    return BatchLoss(total=total, parts=parts)
+    return hidden, spans
 
 
 def _image_end(tok: MedPLIBTokenizer, batch: list[Example], i: int, prompt_len: int) -> int:
@@ -322,7 +338,7 @@ def mask_losses(model: MedPLIBModel, tok: MedPLIBTokenizer, batch: list[Example]
 
 
 # ---------------------------------------------------------------------------------------------- stages
-STAGES = ("vl_expert", "grounding_expert", "moe")
+STAGES = ("vl_expert", "grounding_expert", "moe", "mask_decoder")
 
 
 def set_trainable(model: MedPLIBModel, stage: str) -> list[nn.Parameter]:
@@ -334,6 +350,8 @@ def set_trainable(model: MedPLIBModel, stage: str) -> list[nn.Parameter]:
         elif stage == "grounding_expert":
             p.requires_grad = name.startswith(("sam.", "text_hidden_fcs.", "lm_head.", "llm.embed_tokens.")) \
                 or ".experts.0." in name
+        elif stage == "mask_decoder":
+            p.requires_grad = name.startswith(("sam.", "text_hidden_fcs."))
         else:
             p.requires_grad = True
     return [p for p in model.parameters() if p.requires_grad]
@@ -345,7 +363,7 @@ def stage_pool(stage: str, train: list[Example]) -> tuple[list[Example], list[Ex
     ground = [e for e in train if e.task == "grounding"]
     if stage == "vl_expert":
         return vqa, []
-    if stage == "grounding_expert":
+    if stage in ("grounding_expert", "mask_decoder"):
         return [], ground
     return vqa, ground
 
@@ -482,19 +500,23 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig) -> dict:
     rng = random.Random(cfg.seed)
     best: dict = {"score": -1.0}
 
-    def on_eval(step: int) -> None:
+    def on_eval(stage_no: int, step: int) -> None:
         folder = write_checkpoint(model, work / "candidate", sp_model=sp_path)
         metrics = evaluate_folder(folder, splits["val"], assets, limit=cfg.val_limit)
         score = selection_score(metrics)
-        log.info("val after stage-3 step %d: score %.3f %s", step + 1, score, _short(metrics))
+        log.info("val after stage-%d step %d: score %.3f %s", stage_no, step + 1, score, _short(metrics))
         if score > best["score"]:
-            best.update(score=score, step=step + 1, metrics=metrics)
+            best.update(score=score, step=(stage_no, step + 1), metrics=metrics,
+                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
             shutil.rmtree(work / "best", ignore_errors=True)
             shutil.copytree(folder, work / "best")
 
-    for stage, steps in zip(STAGES, cfg.steps, strict=True):
-        run_stage(stage, model, tok, routing, examples, cfg, rng, steps, on_eval if stage == "moe" else None,
-                  online=online)
+    for stage_no, (stage, steps) in enumerate(zip(STAGES, cfg.steps, strict=True), start=1):
+        if stage == "mask_decoder":  # polish the masks of the best stage-3 model, its LLM frozen
+            model.load_state_dict(best["state"])
+        scored = stage in ("moe", "mask_decoder")
+        run_stage(stage, model, tok, routing, examples, cfg, rng, steps,
+                  functools.partial(on_eval, stage_no) if scored else None, online=online)
     out.mkdir(parents=True, exist_ok=True)
     for path in (work / "best").iterdir():
         target = out / path.name
@@ -503,7 +525,7 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig) -> dict:
             shutil.copytree(path, target)
         else:
             shutil.copyfile(path, target)
-    summary = {"config": asdict(cfg), "best_stage3_step": best["step"], "val": best["metrics"],
+    summary = {"config": asdict(cfg), "best_stage_step": list(best["step"]), "val": best["metrics"],
                "wall_time_s": round(time.perf_counter() - t0, 1)}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
@@ -542,8 +564,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder, e.g. models/medplib-tiny")
     parser.add_argument("--assets", type=Path, default=Path("assets/medimages"))
-    parser.add_argument("--steps", type=int, nargs=3, default=None, metavar=("S1", "S2", "S3"),
-                        help="optimiser steps of the three stages")
+    parser.add_argument("--steps", type=int, nargs=4, default=None, metavar=("S1", "S2", "S3", "S4"),
+                        help="optimiser steps of the four stages")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig() if args.steps is None else TrainConfig(steps=tuple(args.steps))
