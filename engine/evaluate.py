@@ -4,7 +4,9 @@
 
 Metrics (MedPLIB `model/eval/vqa_infer.py` and `cal_metric.py`, re-implemented; no nltk):
   grounding  per-sample IoU of the predicted mask (greedy answer to the question; no `<SEG>` → IoU 0; an
-             empty union → 0), Dice = 2·IoU / (1 + IoU); mIoU / mDice are sample means, overall and per modality.
+             empty union → 0), Dice = 2·IoU / (1 + IoU); mIoU / mDice are sample means, overall and per modality;
+             mDice also per "modality: class", the class read from the mask file name (`mask_class`), so a model
+             that answers every brain structure with the whole brain shows at a glance.
   closed     complex-VQA yes/no questions: exact match of the normalised answers.
   open       complex-VQA open questions: token recall of the reference (unique words found in the prediction),
              token F1 (multiset overlap) and BLEU-1 (clipped unigram precision × brevity penalty).
@@ -129,6 +131,16 @@ def parse_sample(raw: dict, root: Path) -> EvalSample:
         question=_REGION_RE.sub("<region>", question).replace("<image>", "").strip(),
         reference=_MASK_RE.sub("", answer).replace(SEG_TOKEN, "").strip(),
         region=root / region.group(1) if region else None, gt_mask=root / mask.group(1) if mask else None)
+
+
+def mask_class(path: Path | None) -> str | None:
+    """The structure a ground-truth mask shows, from its file name: MeCoVQA-G names masks
+    `<image>--<class>_merged.png`, this repository's corpus `<image>--<class>.png` ("grey_matter" -> "grey matter");
+    None when the name has no `--`."""
+    if path is None or "--" not in path.stem:
+        return None
+    name = path.stem.rsplit("--", 1)[1]
+    return name.removesuffix("_merged").replace("_", " ")
 
 
 def load_samples(raw: Sequence[dict], root: Path, *, limit: int | None = None) -> list[EvalSample]:
@@ -257,8 +269,12 @@ def summarize(results: Sequence[SampleResult], tally: RoutingTally | None = None
     open_ = [r for r in vqa if r.sample.answer_type != "closed"]
     region = [r for r in results if r.sample.task == "region"]
     by_mod: dict[str, list[float]] = defaultdict(list)
+    by_class: dict[str, list[float]] = defaultdict(list)
     for r in ground:
         by_mod[r.sample.modality].append(r.iou)
+        label = mask_class(r.sample.gt_mask)
+        if label is not None:
+            by_class[f"{r.sample.modality}: {label}"].append(r.iou)
     exact = [normalize_answer(r.prediction) == normalize_answer(r.sample.reference) for r in closed]
     region_exact = [normalize_answer(r.prediction) == normalize_answer(r.sample.reference) for r in region]
     ious = [r.iou for r in ground]
@@ -266,6 +282,8 @@ def summarize(results: Sequence[SampleResult], tally: RoutingTally | None = None
         "mIoU": _mean(ious), "mDice": _mean([dice_from_iou(i) for i in ious]),
         "mIoU_per_modality": {m: _mean(v) for m, v in sorted(by_mod.items())},
         "mDice_per_modality": {m: _mean([dice_from_iou(i) for i in v]) for m, v in sorted(by_mod.items())},
+        "mDice_per_class": {c: _mean([dice_from_iou(i) for i in v]) for c, v in sorted(by_class.items())},
+        "n_per_class": {c: len(v) for c, v in sorted(by_class.items())},
         "closed_accuracy": _mean(exact), "region_accuracy": _mean(region_exact),
         "open_recall": _mean([token_recall(r.prediction, r.sample.reference) for r in open_]),
         "open_f1": _mean([token_f1(r.prediction, r.sample.reference) for r in open_]),
@@ -351,7 +369,10 @@ def _image_root(args: argparse.Namespace, raw: list[dict]) -> Path:
 def _print_table(metrics: dict) -> None:
     n = metrics["n"]
     lines = [f"grounding  n={n['grounding']:<4} mDice {metrics['mDice']:.3f}  mIoU {metrics['mIoU']:.3f}"]
-    lines += [f"  {m:<26} mDice {d:.3f}" for m, d in metrics["mDice_per_modality"].items()]
+    for m, d in metrics["mDice_per_modality"].items():
+        lines.append(f"  {m:<26} mDice {d:.3f}")
+        lines += [f"    {c.split(': ', 1)[1]:<24} mDice {dc:.3f}  (n={metrics['n_per_class'][c]})"
+                  for c, dc in metrics["mDice_per_class"].items() if c.startswith(f"{m}: ")]
     lines += [f"closed     n={n['closed']:<4} accuracy {metrics['closed_accuracy']:.3f}",
               f"region     n={n['region']:<4} accuracy {metrics['region_accuracy']:.3f}",
               f"open       n={n['open']:<4} recall {metrics['open_recall']:.3f}  F1 {metrics['open_f1']:.3f}  "

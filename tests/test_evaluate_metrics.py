@@ -83,9 +83,9 @@ def test_parse_sample_strips_paths_and_tags(tmp_path: Path) -> None:
 
 
 def _result(task: str, answer_type: str, prediction: str, reference: str, iou: float | None = None,
-            modality: str = "MRI") -> SampleResult:
+            modality: str = "MRI", gt_mask: Path | None = None) -> SampleResult:
     sample = EvalSample(id="x", task=task, answer_type=answer_type, modality=modality, image=Path("i.png"),
-                        question="q", reference=reference, region=None, gt_mask=None)
+                        question="q", reference=reference, region=None, gt_mask=gt_mask)
     return SampleResult(sample=sample, prediction=prediction, iou=iou)
 
 
@@ -107,6 +107,26 @@ def test_summary_splits_subsets_and_modalities() -> None:
     assert m["closed_accuracy"] == 0.5 and m["region_accuracy"] == 0.5
     assert m["open_recall"] == m["open_f1"] == m["bleu1"] == 1.0
     assert m["n"] == {"grounding": 3, "closed": 2, "open": 1, "region": 2, "total": 8, "refused": 0}
+
+
+def test_mask_class_reads_mecovqa_and_corpus_mask_names() -> None:
+    from engine.evaluate import mask_class
+
+    assert mask_class(Path("masks_merged/PMC1234_fig2--left_kidney_merged.png")) == "left kidney"
+    assert mask_class(Path("masks/mri-mni152-axial-105--grey_matter.png")) == "grey matter"
+    assert mask_class(Path("masks/plain.png")) is None and mask_class(None) is None
+
+
+def test_summary_reports_dice_per_class_within_a_modality() -> None:
+    results = [
+        _result("grounding", "open", "", "", iou=1.0, gt_mask=Path("m/a--brain.png")),
+        _result("grounding", "open", "", "", iou=0.5, gt_mask=Path("m/a--grey_matter.png")),
+        _result("grounding", "open", "", "", iou=0.0, gt_mask=Path("m/b--grey_matter.png")),
+        _result("grounding", "open", "", "", iou=1.0, modality="CT"),  # no class in the name: not listed
+    ]
+    m = summarize(results)
+    assert m["mDice_per_class"] == {"MRI: brain": 1.0, "MRI: grey matter": pytest.approx(round(2 / 3 / 2, 4))}
+    assert m["n_per_class"] == {"MRI: brain": 1, "MRI: grey matter": 2}
 
 
 REQUIRED_KEYS = {"mDice", "mIoU", "mDice_per_modality", "closed_accuracy", "region_accuracy", "open_recall",
