@@ -65,7 +65,7 @@ from training.tokenizer_train import corpus_lines, train_sentencepiece
 
 log = logging.getLogger("training.train")
 
-SEED = 1234
+SEED = 2024  # run 9 (v6); run 5 (v5) used 1234, see training/README.md
 GROUNDING_EXPERT, VQA_EXPERT = 0, 1
 _REGION_RE = re.compile(r"<region>(.*?)</region>")
 _MASK_RE = re.compile(r"<mask>(.*?)</mask>")
