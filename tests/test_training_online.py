@@ -71,13 +71,16 @@ def test_quarter_turns_keep_image_region_and_mask_aligned() -> None:
     image[2:5, 3:9] = 255
     mask = image[..., 0] > 0
     ex = Example(task="grounding", modality="histopathology", question="q", answer="a", image=image,
-                 region=mask.copy(), gt=mask.copy())
+                 region=mask.copy(), gt=mask.copy(), labels=np.stack([mask, ~mask], axis=-1),
+                 known=np.array([True, False]))
     shapes = set()
     for seed in range(12):
         out = augment(ex, random.Random(seed))
         shapes.add(out.image.shape[:2])
         bright = out.image[..., 0] > 128
         assert np.array_equal(out.gt, out.region)
+        assert np.array_equal(out.labels[..., 0], out.gt) and np.array_equal(out.labels[..., 1], ~out.gt)
+        assert out.known.tolist() == [True, False]
         assert (bright == out.gt).mean() > 0.97  # the same pixels, up to the intensity change at the edges
     assert any(h > w for h, w in shapes)  # some draws turned the 20x30 tile on its side
 
@@ -165,3 +168,54 @@ def test_stage_four_changes_only_the_mask_decoder_side() -> None:
     changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
     assert changed and all(k.startswith(("sam.", "text_hidden_fcs.")) for k in changed)
     assert any(k.startswith("sam.") for k in changed) and any(k.startswith("text_hidden_fcs.") for k in changed)
+
+
+def test_patch_label_targets_follow_the_clip_geometry() -> None:
+    """Longest side to 336, centred padding (no label), one row per 14-px patch in row-major order."""
+    from training.train import patch_label_targets
+
+    labels = np.zeros((100, 200, 2), dtype=bool)  # 336 x 168 after the resize: 6 padding rows of cells above
+    labels[:, :100, 0] = True  # left half
+    labels[..., 1] = True  # the whole image
+    t = patch_label_targets(labels).reshape(24, 24, 2)
+    assert t[:6].max() == 0 and t[18:].max() == 0  # padding
+    assert np.allclose(t[6:18, :, 1].numpy(), 1.0)
+    # the bilinear resize blurs the half's edge (column 168) into the cells either side by about 1 %
+    assert np.allclose(t[6:18, :12, 0].numpy(), 1.0, atol=0.02) and t[6:18, 12:, 0].max() < 0.02
+
+
+def test_probe_loss_counts_only_the_labels_a_record_vouches_for() -> None:
+    import torch
+
+    from training.train import probe_loss
+
+    image = np.zeros((28, 28, 3), dtype=np.uint8)
+    labels = np.zeros((28, 28, 2), dtype=bool)
+    probe = torch.nn.Linear(4, 2)
+    fmap = torch.randn(1, 576, 4)
+
+    def loss(known: list[bool]) -> float:
+        ex = Example(task="complex", modality="MRI", question="q", answer="a", image=image, labels=labels,
+                     known=np.array(known))
+        return probe_loss(probe, fmap, [ex]).item()
+
+    assert loss([False, False]) == 0.0
+    assert 0 < loss([True, False]) < loss([True, True])
+    assert loss([True, True]) == pytest.approx(loss([True, False]) + loss([False, True]))
+    no_masks = Example(task="complex", modality="CT", question="q", answer="a", image=image)
+    assert probe_loss(probe, fmap, [no_masks]) is None
+
+
+def test_label_maps_stack_every_mask_of_a_train_image_and_its_absent_labels(images: list[OnlineImage]) -> None:
+    from training.train import LabelMaps
+
+    maps = LabelMaps(ASSETS)
+    record = next(r for r in corpus_mod.load_index(ASSETS) if r["split"] == "train" and len(r["masks"]) > 1)
+    got = maps.of(record["image"])
+    for m in record["masks"]:
+        k = maps.vocab.index(m["label"])
+        assert got["known"][k] and np.array_equal(got["labels"][..., k], corpus_mod._png(ASSETS, m["path"]))
+    absent = corpus_mod.absent_labels(corpus_mod.load_index(ASSETS))[record["id"]]
+    assert {maps.vocab[k] for k in np.nonzero(got["known"])[0]} == {m["label"] for m in record["masks"]} | set(absent)
+    test_image = next(r["image"] for r in corpus_mod.load_index(ASSETS) if r["split"] == "test")
+    assert maps.of(test_image) == {}  # only train images feed the probe

@@ -14,7 +14,9 @@ MedPLIB's staged recipe at toy scale (reference/medplib.md §7.1), every stage o
      for both tasks and are left to the router;
   4. mask decoder (not in the paper): from the best stage-3 checkpoint, only SAM-Med2D and `text_hidden_fcs` on
      grounding, the LLM frozen and run without autograd, so the answers cannot change and the masks improve.
-In stages 1 and 3 part of the VQA batch is region and yes/no questions drawn afresh (`training.online`).
+In stages 1 and 3 part of the VQA batch is region and yes/no questions drawn afresh (`training.online`), and a
+training-only linear probe on the region feature map learns, for every CLIP cell of every image, which labels
+cover it (`probe_loss`): the region read-out gets direct supervision, as a pretrained CLIP would bring.
 The prompt is the engine's own (`build_prompt(template="llava_v1")` + `encode_prompt`), the answer ids are
 those the engine teacher-forces (answer + `</s>`), the mask loss is on `postprocess_masks` output at image
 size in the "crop" geometry, which the checkpoint declares (`config.json["mask_postprocess"]`). The best stage-3 checkpoint on the val split
@@ -52,6 +54,7 @@ from engine.modeling.sam_med2d import SamMed2DConfig
 from engine.presets import write_checkpoint
 from engine.processing import (
     clip_preprocess,
+    longest_side_shape,
     pool_region,
     postprocess_masks,
     region_grid,
@@ -59,13 +62,13 @@ from engine.processing import (
 )
 from engine.tokenizer import MedPLIBTokenizer, save_tokenizer_folder
 from training.corpus import SEED as CORPUS_SEED
-from training.corpus import build_corpus
+from training.corpus import absent_labels, build_corpus, load_index
 from training.online import OnlineImage, load_online_images, presence_sample, region_sample
 from training.tokenizer_train import corpus_lines, train_sentencepiece
 
 log = logging.getLogger("training.train")
 
-SEED = 2024  # run 9 (v6); run 5 (v5) used 1234, see training/README.md
+SEED = 1234  # run 11 (v7) and run 5 (v5); run 9 (v6) and run 10 used 2024, see training/README.md
 GROUNDING_EXPERT, VQA_EXPERT = 0, 1
 _REGION_RE = re.compile(r"<region>(.*?)</region>")
 _MASK_RE = re.compile(r"<mask>(.*?)</mask>")
@@ -101,6 +104,7 @@ class TrainConfig:
     grounding_rows_only: bool = True  # stage 2 updates only the <SEG>-side rows of embed_tokens / lm_head
     mask_logit_shift: float = 1.4  # mask losses on logit + shift: the engine's 10 % threshold = 31 % here
     postprocess: str = "crop"  # mask geometry trained and shipped (config.json "mask_postprocess")
+    probe_weight: float = 1.0  # stages 1 and 3: patch-label loss on the region feature map (README: why)
     evals: int = 4  # val evaluations during stages 3 and 4 (the best is kept)
     val_limit: int | None = None  # score only the first N val samples (smoke tests)
     seed: int = SEED
@@ -137,14 +141,17 @@ class Example:
     region: np.ndarray | None = None
     gt: np.ndarray | None = None
     label: str | None = None  # grounding: the structure asked for (from the mask file name)
+    labels: np.ndarray | None = None  # (H, W, L) bool: the image's masks, one channel per label of the vocabulary
+    known: np.ndarray | None = None  # (L,) bool: labels the image's record says are present or absent
 
 
 def _read_mask(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L")) > 127
 
 
-def load_examples(samples: list[dict], root: Path) -> list[Example]:
-    """MeCoVQA-format samples (paths relative to `root`) -> Examples with their images and masks."""
+def load_examples(samples: list[dict], root: Path, label_maps: LabelMaps | None = None) -> list[Example]:
+    """MeCoVQA-format samples (paths relative to `root`) -> Examples with their images and masks (and, with
+    `label_maps`, every mask of the image for the patch-label probe)."""
     images: dict[str, np.ndarray] = {}
     out = []
     for s in samples:
@@ -158,8 +165,43 @@ def load_examples(samples: list[dict], root: Path) -> list[Example]:
             answer=_MASK_RE.sub("", answer).strip(), image=images[s["image"]],
             region=_read_mask(root / region_path.group(1)) if region_path else None,
             gt=_read_mask(root / gt_path.group(1)) if gt_path else None,
-            label=Path(gt_path.group(1)).stem.split("--")[-1] if gt_path else None))
+            label=Path(gt_path.group(1)).stem.split("--")[-1] if gt_path else None,
+            **(label_maps.of(s["image"]) if label_maps else {})))
     return out
+
+
+class LabelMaps:
+    """Per train image, all its masks as one (H, W, L) stack over the label vocabulary, and which labels its
+    record vouches for: its own (present) and `training.corpus.absent_labels` (absent), the same facts the
+    corpus's yes/no answers state. Other labels are left out of the probe loss."""
+
+    def __init__(self, assets: Path) -> None:
+        records = load_index(assets)
+        absent = absent_labels(records)
+        self.vocab = sorted({m["label"] for r in records for m in r["masks"]})
+        self._by_image: dict[str, dict] = {}
+        self._records = {r["image"]: (r, absent[r["id"]], assets) for r in records
+                         if r["split"] == "train" and r["masks"]}
+
+    def of(self, image: str) -> dict:
+        """{"labels": (H, W, L) bool, "known": (L,) bool} of a train image path, {} for other images."""
+        if image not in self._by_image:
+            if image not in self._records:
+                return {}
+            record, absent, assets = self._records[image]
+            masks = {m["label"]: _read_mask(assets / m["path"]) for m in record["masks"]}
+            self._by_image[image] = self.stack(masks, absent)
+        return self._by_image[image]
+
+    def stack(self, masks: dict[str, np.ndarray], absent: tuple[str, ...] | list[str]) -> dict:
+        shape = next(iter(masks.values())).shape
+        labels = np.zeros((*shape, len(self.vocab)), dtype=bool)
+        known = np.zeros(len(self.vocab), dtype=bool)
+        for k, name in enumerate(self.vocab):
+            if name in masks:
+                labels[..., k], known[k] = masks[name], True
+            known[k] |= name in absent
+        return {"labels": labels, "known": known}
 
 
 MICROSCOPY = ("histopathology", "fluorescence microscopy", "phase microscopy")  # no up, down, left or right
@@ -168,7 +210,7 @@ MICROSCOPY = ("histopathology", "fluorescence microscopy", "phase microscopy")  
 def augment(ex: Example, rng: random.Random) -> Example:
     """Horizontal flip, a small aspect-keeping crop and an intensity change, applied alike to all arrays;
     microscopy tiles, which have no orientation, also get a random quarter turn."""
-    arrays = [ex.image, ex.region, ex.gt]
+    arrays = [ex.image, ex.region, ex.gt, ex.labels]
     if rng.random() < 0.5:
         arrays = [None if a is None else a[:, ::-1] for a in arrays]
     if ex.modality in MICROSCOPY and (turns := rng.randrange(4)):
@@ -182,13 +224,14 @@ def augment(ex: Example, rng: random.Random) -> Example:
         if (cropped[1] is None or region_grid(cropped[1]).any()) and (cropped[2] is None or cropped[2].any()):
             arrays = cropped
     if arrays[1] is not None and not region_grid(arrays[1]).any():  # a small region fell between the patches
-        arrays = [ex.image, ex.region, ex.gt]
+        arrays = [ex.image, ex.region, ex.gt, ex.labels]
     image = arrays[0].astype(np.float32) / 255.0
     image = np.clip(image ** rng.uniform(0.75, 1.35) * rng.uniform(0.85, 1.15) + rng.uniform(-0.06, 0.06), 0, 1)
     return Example(task=ex.task, modality=ex.modality, question=ex.question, answer=ex.answer, label=ex.label,
                    image=np.ascontiguousarray((image * 255 + 0.5).astype(np.uint8)),
                    region=None if arrays[1] is None else np.ascontiguousarray(arrays[1]),
-                   gt=None if arrays[2] is None else np.ascontiguousarray(arrays[2]))
+                   gt=None if arrays[2] is None else np.ascontiguousarray(arrays[2]),
+                   labels=None if arrays[3] is None else np.ascontiguousarray(arrays[3]), known=ex.known)
 
 
 # ---------------------------------------------------------------------------------------------- routing
@@ -257,13 +300,15 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def batch_loss(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingControl, batch: list[Example],
-               cfg: TrainConfig) -> BatchLoss:
-    """Answer-token CE (+ mask BCE/Dice for grounding, + routing loss when the router decides).
+               cfg: TrainConfig, probe: nn.Linear | None = None) -> BatchLoss:
+    """Answer-token CE (+ mask BCE/Dice for grounding, + routing loss when the router decides, + the patch-label
+    probe loss when `probe` is given and the region adapter trains).
 
     With the LLM frozen (stage 4) its pass runs without autograd and the CE is only reported."""
     llm_trains = any(p.requires_grad for p in model.llm.parameters())
+    region_maps: list[torch.Tensor] = []
     with torch.set_grad_enabled(llm_trains and torch.is_grad_enabled()):
-        hidden, spans = teacher_forced_hidden(model, tok, batch)
+        hidden, spans = teacher_forced_hidden(model, tok, batch, region_maps)
         picked, labels = [], []
         for i, (start, answer, _) in enumerate(spans):
             picked.append(hidden[i, start:start + len(answer)])
@@ -283,22 +328,56 @@ def batch_loss(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingContr
         rl = routing.router_loss(targets)
         total = total + cfg.router_weight * rl
         parts["route"] = rl.item()
+    if probe is not None and cfg.probe_weight > 0 and model.region_fea_adapter.weight.requires_grad:
+        pl = probe_loss(probe, region_maps[0], batch)
+        if pl is not None:
+            total = total + cfg.probe_weight * pl
+            parts["probe"] = pl.item()
     return BatchLoss(total=total, parts=parts)
 
 
-def teacher_forced_hidden(model: MedPLIBModel, tok: MedPLIBTokenizer,
-                          batch: list[Example]) -> tuple[torch.Tensor, list[tuple[int, list[int], int]]]:
+def patch_label_targets(labels: np.ndarray, *, size: int = 336, patch: int = 14) -> torch.Tensor:
+    """(H, W, L) bool masks -> (size/patch)², L) share of each CLIP patch each label covers, in the CLIP input's
+    geometry (longest side to `size`, centred padding, which holds no label)."""
+    h, w = longest_side_shape(labels.shape[0], labels.shape[1], size)
+    x = torch.from_numpy(labels.transpose(2, 0, 1).astype(np.float32))[None]  # (1, L, H, W)
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (size - h) // 2, (size - w) // 2
+    x = F.pad(x, (left, size - w - left, top, size - h - top))
+    return F.avg_pool2d(x, patch)[0].flatten(1).t().clamp(0, 1)  # (576, L)
+
+
+def probe_loss(probe: nn.Linear, region_map: torch.Tensor, batch: list[Example]) -> torch.Tensor | None:
+    """BCE of a linear read-out of every cell of the region feature map (B, 576, C) against the share of the
+    cell each label covers, over the labels each image's record vouches for; summed over labels, mean over
+    cells and images. None when no image of the batch has its masks."""
+    rows = [i for i, ex in enumerate(batch) if ex.labels is not None]
+    if not rows:
+        return None
+    logits = probe(region_map[rows])  # (R, 576, L)
+    targets = torch.stack([patch_label_targets(batch[i].labels) for i in rows])
+    known = torch.from_numpy(np.stack([batch[i].known for i in rows]).astype(np.float32))[:, None, :]
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (bce * known).sum(-1).mean()
+
+
+def teacher_forced_hidden(model: MedPLIBModel, tok: MedPLIBTokenizer, batch: list[Example],
+                          region_maps: list | None = None) -> tuple[torch.Tensor, list[tuple[int, list[int], int]]]:
     """The LLM's post-norm hidden states (B, T, C) over prompt + answer (teacher forcing, right-padded), and per
-    sample (position predicting the first answer token, answer ids, prompt length)."""
+    sample (position predicting the first answer token, answer ids, prompt length). The region feature map
+    (B, 576, C) is appended to `region_maps` when that is given."""
     clip_px = torch.from_numpy(np.stack([clip_preprocess(ex.image) for ex in batch]))
     feats = model.clip_features(clip_px)  # (B, 576, mm)
     image_tokens = model.project_image(feats)  # (B, 576, C)
+    fmap = model.region_feature_map(feats)  # (B, 576, C): a Linear, the same rows as per sample
+    if region_maps is not None:
+        region_maps.append(fmap)
     rows, spans = [], []
     for i, ex in enumerate(batch):
         enc = encode(tok, ex)
         region = None
         if ex.region is not None:
-            region = pool_region(model.region_feature_map(feats[i]), region_grid(ex.region))
+            region = pool_region(fmap[i], region_grid(ex.region))
         prompt = model.embed_prompt(enc.prompt, image_tokens[i], region)[0]  # (Tp, C)
         answer_in = model.embed_ids(torch.tensor(enc.answer[:-1], dtype=torch.long))  # (Ta-1, C)
         rows.append(torch.cat([prompt, answer_in]))
@@ -390,8 +469,9 @@ def balance_weights(examples: list[Example], cfg: TrainConfig) -> list[float]:
 class OnlineDraws:
     """Region and presence questions drawn afresh (training.online), images picked modality-balanced."""
 
-    def __init__(self, images: list[OnlineImage], cfg: TrainConfig) -> None:
+    def __init__(self, images: list[OnlineImage], cfg: TrainConfig, label_maps: LabelMaps | None = None) -> None:
         self.images, self.cfg = images, cfg
+        self.stacks = [label_maps.stack(item.masks, item.absent) if label_maps else {} for item in images]
         counts: dict[str, int] = {}
         for item in images:
             counts[item.modality] = counts.get(item.modality, 0) + 1
@@ -399,11 +479,12 @@ class OnlineDraws:
 
     def draw(self, rng: random.Random) -> Example:
         while True:
-            item = rng.choices(self.images, self.weights)[0]
+            k = rng.choices(range(len(self.images)), self.weights)[0]
+            item = self.images[k]
             s = presence_sample(item, rng) if rng.random() < self.cfg.online_presence else region_sample(item, rng)
             if s is not None:
                 return Example(task=s.task, modality=s.modality, question=s.question, answer=s.answer,
-                               image=s.image, region=s.region)
+                               image=s.image, region=s.region, **self.stacks[k])
 
 
 def sample_batch(vqa: list[Example], ground: list[Example], cfg: TrainConfig, rng: random.Random,
@@ -426,9 +507,12 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingControl,
               train: list[Example], cfg: TrainConfig, rng: random.Random, steps: int,
-              on_eval=None, online: OnlineDraws | None = None) -> None:
-    """Optimise one stage for `steps` steps; `on_eval(step)` is called `cfg.evals` times in the MoE stage."""
+              on_eval=None, online: OnlineDraws | None = None, probe: nn.Linear | None = None) -> None:
+    """Optimise one stage for `steps` steps; `on_eval(step)` is called `cfg.evals` times in the MoE stage.
+    `probe` (training only, never saved) trains with the region adapter (stages 1 and 3)."""
     params = set_trainable(model, stage)
+    if probe is not None and model.region_fea_adapter.weight.requires_grad:
+        params += list(probe.parameters())
     hooks = keep_vqa_rows(model, tok) if stage == "grounding_expert" and cfg.grounding_rows_only else []
     routing.forced = {"vl_expert": VQA_EXPERT, "grounding_expert": GROUNDING_EXPERT}.get(stage)
     peak = cfg.lr[STAGES.index(stage)]
@@ -441,7 +525,7 @@ def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: R
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, peak, cfg.warmup)
-        loss = batch_loss(model, tok, routing, sample_batch(vqa, ground, cfg, rng, weights, online), cfg)
+        loss = batch_loss(model, tok, routing, sample_batch(vqa, ground, cfg, rng, weights, online), cfg, probe)
         opt.zero_grad(set_to_none=True)
         loss.total.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -476,14 +560,16 @@ def init_model(config: MedPLIBConfig, seed: int) -> MedPLIBModel:
     return model
 
 
-def train(*, assets: Path, out: Path, cfg: TrainConfig) -> dict:
-    """Build the corpus, train the tokenizer and the three stages, write the best checkpoint to `out`."""
+def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2) -> dict:
+    """Build the corpus, train the tokenizer and the three stages, write the best checkpoint to `out`.
+
+    `threads` changes the floating-point summation order, hence the run: the shipped v7 used 1 (README)."""
     from engine.evaluate import evaluate_folder
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # denormal floats slow CPU matmuls down by an order of magnitude
     t0 = time.perf_counter()
     corpus = build_corpus(assets)
@@ -495,8 +581,11 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig) -> dict:
     model = init_model(cfg.model_config(tok.vocab_size), cfg.seed)
     log.info("model: %.2f M parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     routing = RoutingControl(model)
-    examples = [e for e in load_examples(splits["train"], assets) if e.region is None or region_grid(e.region).any()]
-    online = OnlineDraws(load_online_images(assets), cfg) if cfg.online_share > 0 else None
+    label_maps = LabelMaps(assets) if cfg.probe_weight > 0 else None
+    examples = [e for e in load_examples(splits["train"], assets, label_maps)
+                if e.region is None or region_grid(e.region).any()]
+    online = OnlineDraws(load_online_images(assets), cfg, label_maps) if cfg.online_share > 0 else None
+    probe = nn.Linear(cfg.hidden, len(label_maps.vocab)) if label_maps else None
     rng = random.Random(cfg.seed)
     best: dict = {"score": -1.0}
 
@@ -516,7 +605,7 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig) -> dict:
             model.load_state_dict(best["state"])
         scored = stage in ("moe", "mask_decoder")
         run_stage(stage, model, tok, routing, examples, cfg, rng, steps,
-                  functools.partial(on_eval, stage_no) if scored else None, online=online)
+                  functools.partial(on_eval, stage_no) if scored else None, online=online, probe=probe)
     out.mkdir(parents=True, exist_ok=True)
     for path in (work / "best").iterdir():
         target = out / path.name
@@ -526,7 +615,7 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig) -> dict:
         else:
             shutil.copyfile(path, target)
     summary = {"config": asdict(cfg), "best_stage_step": list(best["step"]), "val": best["metrics"],
-               "wall_time_s": round(time.perf_counter() - t0, 1)}
+               "wall_time_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return summary
@@ -566,10 +655,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--assets", type=Path, default=Path("assets/medimages"))
     parser.add_argument("--steps", type=int, nargs=4, default=None, metavar=("S1", "S2", "S3", "S4"),
                         help="optimiser steps of the four stages")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="CPU threads (default 2, about 52 min; the shipped v7 was trained with 1, README)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig() if args.steps is None else TrainConfig(steps=tuple(args.steps))
-    summary = train(assets=args.assets, out=args.out, cfg=cfg)
+    summary = train(assets=args.assets, out=args.out, cfg=cfg, threads=args.threads)
     log.info("done in %.0f s; val %s", summary["wall_time_s"], _short(summary["val"]))
 
 
