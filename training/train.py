@@ -53,6 +53,8 @@ from engine.modeling.moe import Top1MoE
 from engine.modeling.sam_med2d import SamMed2DConfig
 from engine.presets import write_checkpoint
 from engine.processing import (
+    CLIP_IMAGE_SIZE,
+    CLIP_PATCH_SIZE,
     clip_preprocess,
     longest_side_shape,
     pool_region,
@@ -336,7 +338,7 @@ def batch_loss(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingContr
     return BatchLoss(total=total, parts=parts)
 
 
-def patch_label_targets(labels: np.ndarray, *, size: int = 336, patch: int = 14) -> torch.Tensor:
+def patch_label_targets(labels: np.ndarray, *, size: int = CLIP_IMAGE_SIZE, patch: int = CLIP_PATCH_SIZE) -> torch.Tensor:
     """(H, W, L) bool masks -> (size/patch)², L) share of each CLIP patch each label covers, in the CLIP input's
     geometry (longest side to `size`, centred padding, which holds no label)."""
     h, w = longest_side_shape(labels.shape[0], labels.shape[1], size)
