@@ -206,7 +206,7 @@ def test_probe_loss_counts_only_the_labels_a_record_vouches_for() -> None:
     assert probe_loss(probe, fmap, [no_masks]) is None
 
 
-def test_label_maps_stack_every_mask_of_a_train_image_and_its_absent_labels(images: list[OnlineImage]) -> None:
+def test_label_maps_stack_every_mask_of_a_train_image_and_its_absent_labels() -> None:
     from training.train import LabelMaps
 
     maps = LabelMaps(ASSETS)

@@ -181,17 +181,16 @@ class LabelMaps:
         records = load_index(assets)
         absent = absent_labels(records)
         self.vocab = sorted({m["label"] for r in records for m in r["masks"]})
-        self._by_image: dict[str, dict] = {}
-        self._records = {r["image"]: (r, absent[r["id"]], assets) for r in records
-                         if r["split"] == "train" and r["masks"]}
+        self._assets, self._by_image = assets, {}
+        self._records = {r["image"]: (r, absent[r["id"]]) for r in records if r["split"] == "train" and r["masks"]}
 
     def of(self, image: str) -> dict:
         """{"labels": (H, W, L) bool, "known": (L,) bool} of a train image path, {} for other images."""
         if image not in self._by_image:
             if image not in self._records:
                 return {}
-            record, absent, assets = self._records[image]
-            masks = {m["label"]: _read_mask(assets / m["path"]) for m in record["masks"]}
+            record, absent = self._records[image]
+            masks = {m["label"]: _read_mask(self._assets / m["path"]) for m in record["masks"]}
             self._by_image[image] = self.stack(masks, absent)
         return self._by_image[image]
 
