@@ -17,6 +17,9 @@ MedPLIB's staged recipe at toy scale (reference/medplib.md §7.1), every stage o
 In stages 1 and 3 part of the VQA batch is region and yes/no questions drawn afresh (`training.online`), and a
 training-only linear probe on the region feature map learns, for every CLIP cell of every image, which labels
 cover it (`probe_loss`): the region read-out gets direct supervision, as a pretrained CLIP would bring.
+Right after stage 1 the log reports how many val region and yes/no questions expert 1 answers exactly
+(`stage_one_readout`, teacher-forced, seconds): whether the LLM reads the region prompt shows there, about 10
+minutes into the run, and a run that reads it poorly can be stopped and started with another `--seed`.
 The prompt is the engine's own (`build_prompt(template="llava_v1")` + `encode_prompt`), the answer ids are
 those the engine teacher-forces (answer + `</s>`), the mask loss is on `postprocess_masks` output at image
 size in the "crop" geometry, which the checkpoint declares (`config.json["mask_postprocess"]`). The best stage-3 checkpoint on the val split
@@ -601,12 +604,21 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2) -> dic
             shutil.rmtree(work / "best", ignore_errors=True)
             shutil.copytree(folder, work / "best")
 
+    readout: dict[str, float] = {}
     for stage_no, (stage, steps) in enumerate(zip(STAGES, cfg.steps, strict=True), start=1):
         if stage == "mask_decoder":  # polish the masks of the best stage-3 model, its LLM frozen
             model.load_state_dict(best["state"])
         scored = stage in ("moe", "mask_decoder")
         run_stage(stage, model, tok, routing, examples, cfg, rng, steps,
                   functools.partial(on_eval, stage_no) if scored else None, online=online, probe=probe)
+        if stage == "vl_expert":
+            readout = stage_one_readout(model, tok, routing, splits["val"][:cfg.val_limit], assets)
+            log.info("after stage 1, val answers read teacher-forced by expert 1: region %.3f, closed %.3f",
+                     readout["region"], readout["closed"])
+            if readout["region"] < READOUT_WARNING:
+                log.warning("region read-out %.3f < %.2f after stage 1: such a run ended far below the region "
+                            "target (README, run 12); stopping it and starting another --seed saves ~40 min",
+                            readout["region"], READOUT_WARNING)
     out.mkdir(parents=True, exist_ok=True)
     for path in (work / "best").iterdir():
         target = out / path.name
@@ -616,10 +628,46 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2) -> dic
         else:
             shutil.copyfile(path, target)
     summary = {"config": asdict(cfg), "best_stage_step": list(best["step"]), "val": best["metrics"],
-               "wall_time_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
+               "wall_time_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
+               "stage1_readout": readout}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+READOUT_WARNING = 0.6  # run 12, whose region read-out never took off (val 0.50 at the end), read 0.395 here
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model: MedPLIBModel, tok: MedPLIBTokenizer, examples: list[Example],
+                            batch_size: int = 8) -> float:
+    """Share of examples whose every answer token (and `</s>`) is the model's top choice under teacher forcing:
+    the greedy answer is then exactly the reference. A few seconds on CPU, no sampling, no random state used."""
+    if not examples:
+        return float("nan")
+    right = 0
+    for k in range(0, len(examples), batch_size):
+        batch = examples[k:k + batch_size]
+        hidden, spans = teacher_forced_hidden(model, tok, batch)
+        for i, (start, answer, _) in enumerate(spans):
+            right += model.logits(hidden[i, start:start + len(answer)]).argmax(-1).tolist() == answer
+    return right / len(examples)
+
+
+def stage_one_readout(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingControl, val: list[dict],
+                      assets: Path) -> dict[str, float]:
+    """Teacher-forced exact match of val region and closed (yes/no) questions right after stage 1, every token
+    through expert 1 as in that stage: an early sign, about 10 minutes in, of whether regions are read."""
+    examples = load_examples([s for s in val if s["task"] != "grounding"], assets)
+    region = [e for e in examples if e.task == "region"]
+    closed = [e for e in examples if e.task != "region" and e.answer.lower() in ("yes", "no")]
+    forced, routing.forced = routing.forced, VQA_EXPERT
+    model.eval()
+    try:
+        return {"region": round(teacher_forced_accuracy(model, tok, region), 3),
+                "closed": round(teacher_forced_accuracy(model, tok, closed), 3)}
+    finally:
+        routing.forced = forced
 
 
 def train_draws(assets: Path, draws: int) -> list[dict]:
@@ -658,9 +706,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="optimiser steps of the four stages")
     parser.add_argument("--threads", type=int, default=2,
                         help="CPU threads (default 2, about 52 min; the shipped v7 was trained with 1, README)")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"seed of weights and sampling (default {SEED})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = TrainConfig() if args.steps is None else TrainConfig(steps=tuple(args.steps))
+    cfg = TrainConfig(seed=args.seed, **({} if args.steps is None else {"steps": tuple(args.steps)}))
     summary = train(assets=args.assets, out=args.out, cfg=cfg, threads=args.threads)
     log.info("done in %.0f s; val %s", summary["wall_time_s"], _short(summary["val"]))
 
