@@ -170,6 +170,37 @@ def test_stage_four_changes_only_the_mask_decoder_side() -> None:
     assert any(k.startswith("sam.") for k in changed) and any(k.startswith("text_hidden_fcs.") for k in changed)
 
 
+def test_stage_1b_trains_the_llm_on_region_questions_with_the_region_vectors_fixed() -> None:
+    """Stage 1b ("region_readout", opt-in) asks only region questions and leaves CLIP, projector, region adapter,
+    SAM, expert 0 and the routers bit-identical: only the LLM's reading of the region vector can change."""
+    import random
+
+    import torch
+
+    from engine.loading import DEFAULT_MODEL_DIR
+    from engine.tokenizer import MedPLIBTokenizer
+    from training.train import RoutingControl, TrainConfig, init_model, run_stage, stage_pool
+
+    tok = MedPLIBTokenizer.from_folder(DEFAULT_MODEL_DIR)
+    cfg = TrainConfig(batch_size=2, warmup=1)
+    model = init_model(cfg.model_config(tok.vocab_size), seed=0)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)
+    region = np.zeros((48, 40), dtype=bool)
+    region[10:30, 8:25] = True
+    region_q = Example(task="region", modality="MRI", question="What structure is inside <region>?",
+                       answer="The region shows the brain.", image=image, region=region)
+    complex_q = Example(task="complex", modality="MRI", question="Is there a lesion?", answer="no", image=image)
+    assert stage_pool("region_readout", [region_q, complex_q]) == ([region_q], [])
+    run_stage("region_readout", model, tok, RoutingControl(model), [region_q, complex_q], cfg, random.Random(0), steps=2)
+    after = model.state_dict()
+    changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    assert any(k.startswith("llm.layers.") and "self_attn" in k for k in changed) and "lm_head.weight" in changed
+    frozen = ("vision_tower.", "mm_projector.", "region_fea_adapter.", "sam.", "text_hidden_fcs.")
+    assert not any(k.startswith(frozen) or ".experts.0." in k or k.endswith("router.weight") for k in changed)
+
+
 def test_patch_label_targets_follow_the_clip_geometry() -> None:
     """Longest side to 336, centred padding (no label), one row per 14-px patch in row-major order."""
     from training.train import patch_label_targets
