@@ -142,9 +142,15 @@ def test_stage_two_leaves_the_word_rows_of_embeddings_and_lm_head_alone() -> Non
         assert changed[tok.seg_token_id] and changed[tok.eos_id]
 
 
-def test_stage_four_changes_only_the_mask_decoder_side() -> None:
-    """Stage 4 ("mask_decoder") trains SAM-Med2D and `text_hidden_fcs` on grounding with the LLM, CLIP and
-    projector frozen: every weight the answers depend on stays bit-identical."""
+def _image_and_box() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    box = np.zeros((48, 40), dtype=bool)
+    box[10:30, 8:25] = True
+    return rng.integers(0, 255, (48, 40, 3), dtype=np.uint8), box
+
+
+def _changed_by_stage(stage: str, examples: list[Example]) -> set[str]:
+    """Names of the weights that 2 steps of `stage` on `examples` change, from a fresh model."""
     import random
 
     import torch
@@ -157,15 +163,16 @@ def test_stage_four_changes_only_the_mask_decoder_side() -> None:
     cfg = TrainConfig(batch_size=2, warmup=1)
     model = init_model(cfg.model_config(tok.vocab_size), seed=0)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)
-    gt = np.zeros((48, 40), dtype=bool)
-    gt[10:30, 8:25] = True
-    ground = [Example(task="grounding", modality="MRI", question="Segment the brain.", answer="<SEG>",
-                      image=image, gt=gt, label="brain")]
-    run_stage("mask_decoder", model, tok, RoutingControl(model), ground, cfg, random.Random(0), steps=2)
-    after = model.state_dict()
-    changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    run_stage(stage, model, tok, RoutingControl(model), examples, cfg, random.Random(0), steps=2)
+    return {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+
+
+def test_stage_four_changes_only_the_mask_decoder_side() -> None:
+    """Stage 4 ("mask_decoder") trains SAM-Med2D and `text_hidden_fcs` on grounding with the LLM, CLIP and
+    projector frozen: every weight the answers depend on stays bit-identical."""
+    image, gt = _image_and_box()
+    changed = _changed_by_stage("mask_decoder", [Example(task="grounding", modality="MRI", question="Segment the brain.",
+                                                         answer="<SEG>", image=image, gt=gt, label="brain")])
     assert changed and all(k.startswith(("sam.", "text_hidden_fcs.")) for k in changed)
     assert any(k.startswith("sam.") for k in changed) and any(k.startswith("text_hidden_fcs.") for k in changed)
 
@@ -173,29 +180,14 @@ def test_stage_four_changes_only_the_mask_decoder_side() -> None:
 def test_stage_1b_trains_the_llm_on_region_questions_with_the_region_vectors_fixed() -> None:
     """Stage 1b ("region_readout", opt-in) asks only region questions and leaves CLIP, projector, region adapter,
     SAM, expert 0 and the routers bit-identical: only the LLM's reading of the region vector can change."""
-    import random
+    from training.train import stage_pool
 
-    import torch
-
-    from engine.loading import DEFAULT_MODEL_DIR
-    from engine.tokenizer import MedPLIBTokenizer
-    from training.train import RoutingControl, TrainConfig, init_model, run_stage, stage_pool
-
-    tok = MedPLIBTokenizer.from_folder(DEFAULT_MODEL_DIR)
-    cfg = TrainConfig(batch_size=2, warmup=1)
-    model = init_model(cfg.model_config(tok.vocab_size), seed=0)
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)
-    region = np.zeros((48, 40), dtype=bool)
-    region[10:30, 8:25] = True
+    image, region = _image_and_box()
     region_q = Example(task="region", modality="MRI", question="What structure is inside <region>?",
                        answer="The region shows the brain.", image=image, region=region)
     complex_q = Example(task="complex", modality="MRI", question="Is there a lesion?", answer="no", image=image)
     assert stage_pool("region_readout", [region_q, complex_q]) == ([region_q], [])
-    run_stage("region_readout", model, tok, RoutingControl(model), [region_q, complex_q], cfg, random.Random(0), steps=2)
-    after = model.state_dict()
-    changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    changed = _changed_by_stage("region_readout", [region_q, complex_q])
     assert any(k.startswith("llm.layers.") and "self_attn" in k for k in changed) and "lm_head.weight" in changed
     frozen = ("vision_tower.", "mm_projector.", "region_fea_adapter.", "sam.", "text_hidden_fcs.")
     assert not any(k.startswith(frozen) or ".experts.0." in k or k.endswith("router.weight") for k in changed)
