@@ -431,18 +431,17 @@ STAGES = ("vl_expert", "grounding_expert", "moe", "mask_decoder")
 def set_trainable(model: MedPLIBModel, stage: str) -> list[nn.Parameter]:
     """requires_grad per stage (see module docstring); returns the trainable parameters."""
     for name, p in model.named_parameters():
+        llm_side = not (name.startswith(("sam.", "text_hidden_fcs.")) or ".experts.0." in name
+                        or name.endswith("router.weight"))  # what stage 1 trains
         if stage == "vl_expert":
-            p.requires_grad = not (name.startswith(("sam.", "text_hidden_fcs.")) or ".experts.0." in name
-                                   or name.endswith("router.weight"))
+            p.requires_grad = llm_side
         elif stage == "grounding_expert":
             p.requires_grad = name.startswith(("sam.", "text_hidden_fcs.", "lm_head.", "llm.embed_tokens.")) \
                 or ".experts.0." in name
         elif stage == "mask_decoder":
             p.requires_grad = name.startswith(("sam.", "text_hidden_fcs."))
-        elif stage == "region_readout":  # stage 1b: the LLM side of stage 1 only; the region vectors stay put
-            p.requires_grad = not (name.startswith(("sam.", "text_hidden_fcs.", "vision_tower.", "mm_projector.",
-                                                    "region_fea_adapter.")) or ".experts.0." in name
-                                   or name.endswith("router.weight"))
+        elif stage == "region_readout":  # stage 1b: stage 1 without CLIP's side; the region vectors stay put
+            p.requires_grad = llm_side and not name.startswith(("vision_tower.", "mm_projector.", "region_fea_adapter."))
         else:
             p.requires_grad = True
     return [p for p in model.parameters() if p.requires_grad]
@@ -615,7 +614,8 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2) -> dic
             shutil.rmtree(work / "best", ignore_errors=True)
             shutil.copytree(folder, work / "best")
 
-    readout: dict[str, float] = {}
+    readout: dict[str, dict[str, float]] = {}
+    readout_val = readout_examples(splits["val"][:cfg.val_limit], assets)
     for stage_no, (stage, steps) in enumerate(zip(STAGES, cfg.steps, strict=True), start=1):
         if stage == "mask_decoder":  # polish the masks of the best stage-3 model, its LLM frozen
             model.load_state_dict(best["state"])
@@ -623,17 +623,18 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2) -> dic
         run_stage(stage, model, tok, routing, examples, cfg, rng, steps,
                   functools.partial(on_eval, stage_no) if scored else None, online=online, probe=probe)
         if stage == "vl_expert":
-            readout = stage_one_readout(model, tok, routing, splits["val"][:cfg.val_limit], assets)
+            readout["stage1"] = first = stage_one_readout(model, tok, routing, readout_val)
             log.info("after stage 1, val answers read teacher-forced by expert 1: region %.3f, closed %.3f",
-                     readout["region"], readout["closed"])
-            if readout["region"] < READOUT_WARNING and not cfg.readout_steps:
+                     first["region"], first["closed"])
+            if first["region"] < READOUT_WARNING and not cfg.readout_steps:
                 log.warning("region read-out %.3f < %.2f after stage 1: such a run ended far below the region "
                             "target (README, run 12); stopping it and starting another --seed saves ~40 min",
-                            readout["region"], READOUT_WARNING)
+                            first["region"], READOUT_WARNING)
             if cfg.readout_steps:
                 run_stage("region_readout", model, tok, routing, examples, cfg, rng, cfg.readout_steps)
-                readout = stage_one_readout(model, tok, routing, splits["val"][:cfg.val_limit], assets)
-                log.info("after stage 1b: region %.3f, closed %.3f", readout["region"], readout["closed"])
+                readout["stage1b"] = stage_one_readout(model, tok, routing, readout_val)
+                log.info("after stage 1b: region %.3f, closed %.3f", readout["stage1b"]["region"],
+                         readout["stage1b"]["closed"])
     out.mkdir(parents=True, exist_ok=True)
     for path in (work / "best").iterdir():
         target = out / path.name
@@ -644,7 +645,7 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2) -> dic
             shutil.copyfile(path, target)
     summary = {"config": asdict(cfg), "best_stage_step": list(best["step"]), "val": best["metrics"],
                "wall_time_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
-               "stage1_readout": readout}
+               **{f"{name}_readout": figures for name, figures in readout.items()}}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return summary
@@ -669,18 +670,21 @@ def teacher_forced_accuracy(model: MedPLIBModel, tok: MedPLIBTokenizer, examples
     return right / len(examples)
 
 
-def stage_one_readout(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingControl, val: list[dict],
-                      assets: Path) -> dict[str, float]:
-    """Teacher-forced exact match of val region and closed (yes/no) questions right after stage 1, every token
-    through expert 1 as in that stage: an early sign, about 10 minutes in, of whether regions are read."""
+def readout_examples(val: list[dict], assets: Path) -> dict[str, list[Example]]:
+    """The val region questions and closed (yes/no) complex questions, loaded once for `stage_one_readout`."""
     examples = load_examples([s for s in val if s["task"] != "grounding"], assets)
-    region = [e for e in examples if e.task == "region"]
-    closed = [e for e in examples if e.task != "region" and e.answer.lower() in ("yes", "no")]
+    return {"region": [e for e in examples if e.task == "region"],
+            "closed": [e for e in examples if e.task != "region" and e.answer.lower() in ("yes", "no")]}
+
+
+def stage_one_readout(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingControl,
+                      examples: dict[str, list[Example]]) -> dict[str, float]:
+    """Teacher-forced exact match of `readout_examples` right after stage 1 (or 1b), every token through expert 1
+    as in that stage: an early sign, about 10 minutes in, of whether regions are read."""
     forced, routing.forced = routing.forced, VQA_EXPERT
     model.eval()
     try:
-        return {"region": round(teacher_forced_accuracy(model, tok, region), 3),
-                "closed": round(teacher_forced_accuracy(model, tok, closed), 3)}
+        return {name: round(teacher_forced_accuracy(model, tok, group), 3) for name, group in examples.items()}
     finally:
         routing.forced = forced
 
