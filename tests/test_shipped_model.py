@@ -4,6 +4,7 @@ test subset (`assets/medimages/ci_subset.json`) through `python -m engine evalua
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,24 @@ def test_the_mask_follows_the_structure_named_in_the_question() -> None:
     assert dice(masks["grey matter"], masks["white matter"]) < 0.8
     for label, other in (("grey matter", "white matter"), ("white matter", "grey matter")):
         assert dice(masks[label], truth[label]) > dice(masks[label], truth[other]) + 0.2, label
+
+
+def test_a_follow_up_grounding_question_keeps_its_mask() -> None:
+    """The portal keeps the conversation: a segmentation asked after another turn about the same image must still
+    get its mask. Training asks single-turn questions only; run 16 of `training/README.md` met every single-turn
+    target yet fell from CI-subset mDice 0.78 to 0.53 after one earlier turn (three masks empty), while v7 keeps
+    0.80. Floor: 0.70 over the CI subset's grounding samples."""
+    from engine import load_engine
+
+    eng = load_engine()
+    first_question = "What is the modality of this image?"
+    dices = []
+    for sample in [s for s in json.loads(CI_SUBSET.read_text()) if s["task"] == "grounding"]:
+        image = eng.set_image(np.asarray(Image.open(ASSETS / sample["image"]).convert("RGB")))
+        question = sample["conversations"][0]["value"].replace("<image>\n", "")
+        first = eng.ask(image, first_question)
+        answer = eng.ask(image, question, history=[(first_question, first.text)])
+        mask_path = re.search(r"<mask>(.*?)</mask>", sample["conversations"][1]["value"]).group(1)
+        truth = np.asarray(Image.open(ASSETS / mask_path).convert("L")) > 127
+        dices.append(2 * (answer.mask & truth).sum() / (answer.mask.sum() + truth.sum()) if answer.has_mask else 0.0)
+    assert np.mean(dices) >= 0.70, np.round(dices, 3)

@@ -177,20 +177,89 @@ def test_stage_four_changes_only_the_mask_decoder_side() -> None:
     assert any(k.startswith("sam.") for k in changed) and any(k.startswith("text_hidden_fcs.") for k in changed)
 
 
-def test_stage_1b_trains_the_llm_on_region_questions_with_the_region_vectors_fixed() -> None:
-    """Stage 1b ("region_readout", opt-in) asks only region questions and leaves CLIP, projector, region adapter,
-    SAM, expert 0 and the routers bit-identical: only the LLM's reading of the region vector can change."""
-    from training.train import stage_pool
+def _fresh_model_and_region_question():
+    from engine.loading import DEFAULT_MODEL_DIR
+    from engine.tokenizer import MedPLIBTokenizer
+    from training.train import TrainConfig, init_model
 
+    tok = MedPLIBTokenizer.from_folder(DEFAULT_MODEL_DIR)
+    model = init_model(TrainConfig().model_config(tok.vocab_size), seed=0)
     image, region = _image_and_box()
-    region_q = Example(task="region", modality="MRI", question="What structure is inside <region>?",
-                       answer="The region shows the brain.", image=image, region=region)
-    complex_q = Example(task="complex", modality="MRI", question="Is there a lesion?", answer="no", image=image)
-    assert stage_pool("region_readout", [region_q, complex_q]) == ([region_q], [])
-    changed = _changed_by_stage("region_readout", [region_q, complex_q])
-    assert any(k.startswith("llm.layers.") and "self_attn" in k for k in changed) and "lm_head.weight" in changed
-    frozen = ("vision_tower.", "mm_projector.", "region_fea_adapter.", "sam.", "text_hidden_fcs.")
-    assert not any(k.startswith(frozen) or ".experts.0." in k or k.endswith("router.weight") for k in changed)
+    ex = Example(task="region", modality="MRI", question="What structure is inside <region>?",
+                 answer="The region shows the white matter.", image=image, region=region)
+    return model, tok, ex
+
+
+def test_attention_row_is_the_attention_the_decoder_layer_computes() -> None:
+    """`attention_row` recomputes one query's attention of the last decoder layer by hand (q/k projections, RoPE,
+    scaling, causal softmax); its probabilities times the layer's values must give the layer's own output there."""
+    import torch
+
+    from training.train import attention_row, teacher_forced_hidden
+
+    model, tok, ex = _fresh_model_and_region_question()
+    decoder = model.llm.layers[-1]
+    seen: dict = {}
+
+    def keep(module, args, out) -> None:
+        seen["out"] = out[0]
+
+    decoder.self_attn.register_forward_hook(keep)
+    layers: list = []
+    with torch.no_grad():
+        _, spans = teacher_forced_hidden(model, tok, [ex], layers=layers)
+        q_at = spans[0][0] + 2  # some answer position
+        x = layers[-2][0, :q_at + 1]
+        cos, sin = model.llm.rotary_emb(x[None], torch.arange(q_at + 1)[None])
+        probs = attention_row(decoder, model.llm.hf_config.num_attention_heads, x, cos, sin)  # (H, T)
+        attn = decoder.self_attn
+        v = attn.v_proj(decoder.input_layernorm(x)).view(q_at + 1, -1, attn.head_dim).transpose(0, 1)  # (Hkv, T, d)
+        v = v.repeat_interleave(probs.shape[0] // v.shape[0], dim=0)
+        mine = attn.o_proj((probs[:, None] @ v).reshape(1, -1))[0]
+    assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[0]), atol=1e-5)
+    assert torch.allclose(mine, seen["out"][0, q_at], atol=1e-5)
+
+
+def test_region_attention_loss_is_zero_once_the_heads_give_the_region_one_head_of_attention() -> None:
+    """The loss is asked at the position that predicts the word naming what the region holds ("white"), and a few
+    optimiser steps on it alone bring the heads' mean attention on the region vector to 1/H, where it stops."""
+    import torch
+
+    from engine.tokenizer import REGION_TOKEN_INDEX
+    from training.train import (
+        attention_row,
+        encode,
+        region_answer_word,
+        region_attention_loss,
+        teacher_forced_hidden,
+    )
+
+    model, tok, ex = _fresh_model_and_region_question()
+    answer = encode(tok, ex).answer
+    assert tok.decode([region_answer_word(tok, answer)]).strip() == "white"
+    heads = model.llm.hf_config.num_attention_heads
+    opt = torch.optim.Adam(model.llm.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        layers: list = []
+        _, spans = teacher_forced_hidden(model, tok, [ex], layers=layers)
+        loss = region_attention_loss(model, tok, [ex], spans, layers[-2], len(layers) - 1)
+        losses.append(loss.item())
+        if loss.item() == 0:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[0] > 3 and losses[-1] == 0, losses
+    with torch.no_grad():
+        layers = []
+        _, spans = teacher_forced_hidden(model, tok, [ex], layers=layers)
+        q_at = spans[0][0] + answer.index(region_answer_word(tok, answer))
+        x = layers[-2][0, :q_at + 1]
+        cos, sin = model.llm.rotary_emb(x[None], torch.arange(q_at + 1)[None])
+        probs = attention_row(model.llm.layers[-1], heads, x, cos, sin)
+    region_at = encode(tok, ex).prompt.index(REGION_TOKEN_INDEX) + 575
+    assert probs[:, region_at].mean() >= 1 / heads - 1e-4
 
 
 def test_patch_label_targets_follow_the_clip_geometry() -> None:

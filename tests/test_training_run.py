@@ -15,13 +15,12 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets" / "medimages"
 
 
 def test_four_stages_write_a_loadable_released_checkpoint(tmp_path: Path) -> None:
-    cfg = TrainConfig(steps=(2, 2, 2, 2), batch_size=2, warmup=1, evals=1, val_limit=6, corpus_draws=1, readout_steps=2)
+    cfg = TrainConfig(steps=(2, 2, 2, 2), batch_size=2, warmup=1, evals=1, val_limit=6, corpus_draws=1)
     summary = train(assets=ASSETS, out=tmp_path / "tiny", cfg=cfg)
 
     assert summary["best_stage_step"] in ([3, 2], [4, 2]) and summary["val"]["n"]["total"] == 6
     readout = summary["stage1_readout"]  # teacher-forced, right after stage 1
     assert set(readout) == {"region", "closed"} and all(np.isnan(v) or 0 <= v <= 1 for v in readout.values())
-    assert set(summary["stage1b_readout"]) == {"region", "closed"}  # after the opt-in stage 1b
     files = {p.name for p in (tmp_path / "tiny").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.model", "added_tokens.json",
             "training_summary.json"} <= files

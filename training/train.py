@@ -17,11 +17,10 @@ MedPLIB's staged recipe at toy scale (reference/medplib.md §7.1), every stage o
 In stages 1 and 3 part of the VQA batch is region and yes/no questions drawn afresh (`training.online`), and a
 training-only linear probe on the region feature map learns, for every CLIP cell of every image, which labels
 cover it (`probe_loss`): the region read-out gets direct supervision, as a pretrained CLIP would bring.
+The region vector then holds the answer; that the LLM looks at it is trained too (`region_attention_loss`: the
+last layer's attention, at the position that names what the region holds, must give it one head's worth).
 Right after stage 1 the log reports how many val region and yes/no questions expert 1 answers exactly
-(`stage_one_readout`, teacher-forced, seconds): whether the LLM reads the region prompt shows there, about 10
-minutes into the run, and a run that reads it poorly can be stopped and started with another `--seed`.
-Opt-in stage 1b (`--readout-steps`, README) then trains only the LLM side on region questions with the region
-vectors frozen: from run 12's failed stage 1, 1000 such steps lifted that read-out from 0.40 to 0.87.
+(`stage_one_readout`, teacher-forced, seconds), an early sign of how the run will end.
 The prompt is the engine's own (`build_prompt(template="llava_v1")` + `encode_prompt`), the answer ids are
 those the engine teacher-forces (answer + `</s>`), the mask loss is on `postprocess_masks` output at image
 size in the "crop" geometry, which the checkpoint declares (`config.json["mask_postprocess"]`). The best stage-3 checkpoint on the val split
@@ -50,6 +49,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from engine.config import LlamaSizes, MedPLIBConfig, MoESizes
 from engine.conversation import build_prompt
@@ -67,7 +67,7 @@ from engine.processing import (
     region_grid,
     sam_preprocess,
 )
-from engine.tokenizer import MedPLIBTokenizer, save_tokenizer_folder
+from engine.tokenizer import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, MedPLIBTokenizer, save_tokenizer_folder
 from training.corpus import SEED as CORPUS_SEED
 from training.corpus import absent_labels, build_corpus, load_index
 from training.online import OnlineImage, load_online_images, presence_sample, region_sample
@@ -112,9 +112,8 @@ class TrainConfig:
     mask_logit_shift: float = 1.4  # mask losses on logit + shift: the engine's 10 % threshold = 31 % here
     postprocess: str = "crop"  # mask geometry trained and shipped (config.json "mask_postprocess")
     probe_weight: float = 1.0  # stages 1 and 3: patch-label loss on the region feature map (README: why)
+    region_attention_weight: float = 1.0  # last layer: -log attention to the region vector (README: why)
     evals: int = 4  # val evaluations during stages 3 and 4 (the best is kept)
-    readout_steps: int = 0  # opt-in stage 1b after stage 1: region questions only, CLIP side frozen (README)
-    readout_lr: float = 2e-3
     val_limit: int | None = None  # score only the first N val samples (smoke tests)
     seed: int = SEED
 
@@ -315,8 +314,9 @@ def batch_loss(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingContr
     With the LLM frozen (stage 4) its pass runs without autograd and the CE is only reported."""
     llm_trains = any(p.requires_grad for p in model.llm.parameters())
     region_maps: list[torch.Tensor] = []
+    layers: list[torch.Tensor] | None = [] if cfg.region_attention_weight > 0 and llm_trains else None
     with torch.set_grad_enabled(llm_trains and torch.is_grad_enabled()):
-        hidden, spans = teacher_forced_hidden(model, tok, batch, region_maps)
+        hidden, spans = teacher_forced_hidden(model, tok, batch, region_maps, layers)
         picked, labels = [], []
         for i, (start, answer, _) in enumerate(spans):
             picked.append(hidden[i, start:start + len(answer)])
@@ -336,6 +336,11 @@ def batch_loss(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingContr
         rl = routing.router_loss(targets)
         total = total + cfg.router_weight * rl
         parts["route"] = rl.item()
+    if layers and len(layers) > 1:  # the input of the last decoder layer: the output of the one before
+        ra = region_attention_loss(model, tok, batch, spans, layers[-2], len(layers) - 1)
+        if ra is not None:
+            total = total + cfg.region_attention_weight * ra
+            parts["region_attn"] = ra.item()
     if probe is not None and cfg.probe_weight > 0 and model.region_fea_adapter.weight.requires_grad:
         pl = probe_loss(probe, region_maps[0], batch)
         if pl is not None:
@@ -370,10 +375,11 @@ def probe_loss(probe: nn.Linear, region_map: torch.Tensor, batch: list[Example])
 
 
 def teacher_forced_hidden(model: MedPLIBModel, tok: MedPLIBTokenizer, batch: list[Example],
-                          region_maps: list | None = None) -> tuple[torch.Tensor, list[tuple[int, list[int], int]]]:
+                          region_maps: list | None = None,
+                          layers: list | None = None) -> tuple[torch.Tensor, list[tuple[int, list[int], int]]]:
     """The LLM's post-norm hidden states (B, T, C) over prompt + answer (teacher forcing, right-padded), and per
     sample (position predicting the first answer token, answer ids, prompt length). The region feature map
-    (B, 576, C) is appended to `region_maps` when that is given."""
+    (B, 576, C) is appended to `region_maps`, each decoder layer's output (B, T, C) to `layers`, when given."""
     clip_px = torch.from_numpy(np.stack([clip_preprocess(ex.image) for ex in batch]))
     feats = model.clip_features(clip_px)  # (B, 576, mm)
     image_tokens = model.project_image(feats)  # (B, 576, C)
@@ -392,8 +398,70 @@ def teacher_forced_hidden(model: MedPLIBModel, tok: MedPLIBTokenizer, batch: lis
         spans.append((prompt.shape[0] - 1, enc.answer, prompt.shape[0]))
     width = max(r.shape[0] for r in rows)
     embeds = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])  # (B, T, C)
-    hidden, _ = model.llm(embeds)  # (B, T, C) post-norm
+    hidden, outputs = model.llm(embeds, return_layers=layers is not None)  # (B, T, C) post-norm
+    if layers is not None:
+        layers.extend(outputs)
     return hidden, spans
+
+
+# Words of the corpus's region-answer templates (training.corpus, training.online): what is left of an answer is
+# what the region holds ("body", "white", "background", "yes").
+REGION_ANSWER_TEMPLATE = "The region shows the ; none of the , is inside it."
+
+
+def region_answer_word(tok: MedPLIBTokenizer, answer: list[int]) -> int | None:
+    """The first answer token that is not a template word (None when there is none)."""
+    template = set(tok.encode(REGION_ANSWER_TEMPLATE, add_bos=False)) | {tok.eos_id}
+    return next((t for t in answer if t not in template), None)
+
+
+def attention_row(decoder: nn.Module, heads: int, seen: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+    """(H, T) causal attention probabilities of a LlamaDecoderLayer's last query over `seen` (T, C), the layer's
+    input up to and including the query position (RoPE `cos`/`sin` for those positions, (1, T, d))."""
+    attn, t = decoder.self_attn, seen.shape[0]
+    x = decoder.input_layernorm(seen)[None]  # (1, T, C)
+    q = attn.q_proj(x[:, -1:]).view(1, 1, heads, -1).transpose(1, 2)  # (1, H, 1, d)
+    k = attn.k_proj(x).view(1, t, -1, q.shape[-1]).transpose(1, 2)  # (1, Hkv, T, d)
+    k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+    k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+    return (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)[0, :, 0]  # LlamaAttention's scaling
+
+
+def region_attention_loss(model: MedPLIBModel, tok: MedPLIBTokenizer, batch: list[Example], spans: list,
+                          layer_input: torch.Tensor, layer: int) -> torch.Tensor | None:
+    """Training-only loss max(0, -log(attention to the region vector, averaged over heads) - log H) of decoder
+    layer `layer` (its input: `layer_input`, (B, T, C)) at the position that predicts the answer's first
+    non-template word: zero once the heads give the region vector, together, one head's worth of attention.
+
+    Why (README, runs 12-15): the pooled region vector holds the answer (a linear probe reads 92 % of val), yet
+    with the answer CE alone some runs never learn to look at it. In v7 (run 11, trained without it), three of the four heads of
+    the last layer give the region vector 0.28-0.50 of their attention at that position; in run 12 none gives it
+    more than 0.04 (the 576 image tokens take the rest) and every region gets the modality's commonest answer.
+    Nothing else changes: the loss only says where to look, the answer CE still says what to read."""
+    rows, region_at = [], []
+    for i, ex in enumerate(batch):
+        target = region_answer_word(tok, spans[i][1]) if ex.region is not None else None
+        if target is None:
+            continue
+        ids = encode(tok, ex).prompt
+        if ids.index(IMAGE_TOKEN_INDEX) > ids.index(REGION_TOKEN_INDEX):
+            raise ValueError("the region placeholder must follow the image")
+        start, answer, _ = spans[i]
+        rows.append((i, start + answer.index(target)))
+        region_at.append(ids.index(REGION_TOKEN_INDEX) + 575)  # the -200 slot grew by 575 rows
+    if not rows:
+        return None
+    decoder, heads = model.llm.layers[layer], model.llm.hf_config.num_attention_heads
+    cos, sin = model.llm.rotary_emb(layer_input, torch.arange(layer_input.shape[1])[None])
+    losses = []
+    for (i, q_at), r_at in zip(rows, region_at, strict=True):
+        probs = attention_row(decoder, heads, layer_input[i, :q_at + 1], cos[:, :q_at + 1], sin[:, :q_at + 1])
+        # hinge at 1/H: one head's worth of attention (v7 gave it 0.28 on average) is enough; the other heads stay
+        # free for the question and the image (a version without the hinge put all four heads on it)
+        losses.append((-torch.log(probs[:, r_at].mean() + 1e-6) - math.log(heads)).clamp(min=0))
+    return torch.stack(losses).mean()
 
 
 def _image_end(tok: MedPLIBTokenizer, batch: list[Example], i: int, prompt_len: int) -> int:
@@ -440,8 +508,6 @@ def set_trainable(model: MedPLIBModel, stage: str) -> list[nn.Parameter]:
                 or ".experts.0." in name
         elif stage == "mask_decoder":
             p.requires_grad = name.startswith(("sam.", "text_hidden_fcs."))
-        elif stage == "region_readout":  # stage 1b: stage 1 without CLIP's side; the region vectors stay put
-            p.requires_grad = llm_side and not name.startswith(("vision_tower.", "mm_projector.", "region_fea_adapter."))
         else:
             p.requires_grad = True
     return [p for p in model.parameters() if p.requires_grad]
@@ -453,8 +519,6 @@ def stage_pool(stage: str, train: list[Example]) -> tuple[list[Example], list[Ex
     ground = [e for e in train if e.task == "grounding"]
     if stage == "vl_expert":
         return vqa, []
-    if stage == "region_readout":
-        return [e for e in vqa if e.task == "region"], []
     if stage in ("grounding_expert", "mask_decoder"):
         return [], ground
     return vqa, ground
@@ -527,15 +591,14 @@ def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: R
     if probe is not None and model.region_fea_adapter.weight.requires_grad:
         params += list(probe.parameters())
     hooks = keep_vqa_rows(model, tok) if stage == "grounding_expert" and cfg.grounding_rows_only else []
-    routing.forced = {"vl_expert": VQA_EXPERT, "region_readout": VQA_EXPERT, "grounding_expert": GROUNDING_EXPERT}.get(stage)
-    peak = cfg.readout_lr if stage == "region_readout" else cfg.lr[STAGES.index(stage)]
+    routing.forced = {"vl_expert": VQA_EXPERT, "grounding_expert": GROUNDING_EXPERT}.get(stage)
+    peak = cfg.lr[STAGES.index(stage)]
     opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=0.0)
     vqa, ground = stage_pool(stage, train)
     weights = (balance_weights(vqa, cfg), balance_weights(ground, cfg))
     eval_at = {steps * (k + 1) // cfg.evals - 1 for k in range(cfg.evals)} if on_eval else set()
     model.train()
-    label = "1b" if stage == "region_readout" else STAGES.index(stage) + 1
-    bar = tqdm(range(steps), desc=f"stage {label} {stage}", dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=f"stage {STAGES.index(stage) + 1} {stage}", dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, peak, cfg.warmup)
@@ -577,7 +640,7 @@ def init_model(config: MedPLIBConfig, seed: int) -> MedPLIBModel:
 def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2) -> dict:
     """Build the corpus, train the tokenizer and the three stages, write the best checkpoint to `out`.
 
-    `threads` changes the floating-point summation order, hence the run: the shipped v7 used 1 (README)."""
+    `threads` changes the floating-point summation order, hence the run (README: run 12 against run 11)."""
     from engine.evaluate import evaluate_folder
 
     random.seed(cfg.seed)
@@ -626,15 +689,10 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2) -> dic
             readout["stage1"] = first = stage_one_readout(model, tok, routing, readout_val)
             log.info("after stage 1, val answers read teacher-forced by expert 1: region %.3f, closed %.3f",
                      first["region"], first["closed"])
-            if first["region"] < READOUT_WARNING and not cfg.readout_steps:
-                log.warning("region read-out %.3f < %.2f after stage 1: such a run ended far below the region "
-                            "target (README, run 12); stopping it and starting another --seed saves ~40 min",
+            if first["region"] < READOUT_WARNING:
+                log.warning("region read-out %.3f < %.2f after stage 1: runs without the region attention loss "
+                            "that read this little ended far below the region target (README, run 12)",
                             first["region"], READOUT_WARNING)
-            if cfg.readout_steps:
-                run_stage("region_readout", model, tok, routing, examples, cfg, rng, cfg.readout_steps)
-                readout["stage1b"] = stage_one_readout(model, tok, routing, readout_val)
-                log.info("after stage 1b: region %.3f, closed %.3f", readout["stage1b"]["region"],
-                         readout["stage1b"]["closed"])
     out.mkdir(parents=True, exist_ok=True)
     for path in (work / "best").iterdir():
         target = out / path.name
@@ -679,7 +737,7 @@ def readout_examples(val: list[dict], assets: Path) -> dict[str, list[Example]]:
 
 def stage_one_readout(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingControl,
                       examples: dict[str, list[Example]]) -> dict[str, float]:
-    """Teacher-forced exact match of `readout_examples` right after stage 1 (or 1b), every token through expert 1
+    """Teacher-forced exact match of `readout_examples` right after stage 1, every token through expert 1
     as in that stage: an early sign, about 10 minutes in, of whether regions are read."""
     forced, routing.forced = routing.forced, VQA_EXPERT
     model.eval()
@@ -724,13 +782,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, nargs=4, default=None, metavar=("S1", "S2", "S3", "S4"),
                         help="optimiser steps of the four stages")
     parser.add_argument("--threads", type=int, default=2,
-                        help="CPU threads (default 2, about 52 min; the shipped v7 was trained with 1, README)")
+                        help="CPU threads (default 2: about 57 min on 2 idle cores; v7 used 1, README)")
     parser.add_argument("--seed", type=int, default=SEED, help=f"seed of weights and sampling (default {SEED})")
-    parser.add_argument("--readout-steps", type=int, default=0,
-                        help="opt-in stage 1b: steps of region questions only with CLIP frozen (README; not in v7)")
+    parser.add_argument("--region-attention-weight", type=float, default=TrainConfig.region_attention_weight,
+                        help="weight of the region attention loss (README); 0 with --threads 1 repeats v7's settings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = TrainConfig(seed=args.seed, readout_steps=args.readout_steps,
+    cfg = TrainConfig(seed=args.seed, region_attention_weight=args.region_attention_weight,
                       **({} if args.steps is None else {"steps": tuple(args.steps)}))
     summary = train(assets=args.assets, out=args.out, cfg=cfg, threads=args.threads)
     log.info("done in %.0f s; val %s", summary["wall_time_s"], _short(summary["val"]))
