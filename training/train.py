@@ -409,9 +409,14 @@ def teacher_forced_hidden(model: MedPLIBModel, tok: MedPLIBTokenizer, batch: lis
 REGION_ANSWER_TEMPLATE = "The region shows the ; none of the , is inside it."
 
 
+@functools.cache
+def _template_ids(tok: MedPLIBTokenizer) -> frozenset[int]:
+    return frozenset(tok.encode(REGION_ANSWER_TEMPLATE, add_bos=False)) | {tok.eos_id}
+
+
 def region_answer_word(tok: MedPLIBTokenizer, answer: list[int]) -> int | None:
     """The first answer token that is not a template word (None when there is none)."""
-    template = set(tok.encode(REGION_ANSWER_TEMPLATE, add_bos=False)) | {tok.eos_id}
+    template = _template_ids(tok)  # once per tokenizer, not per sample and step
     return next((t for t in answer if t not in template), None)
 
 
@@ -436,9 +441,10 @@ def region_attention_loss(model: MedPLIBModel, tok: MedPLIBTokenizer, batch: lis
     non-template word: zero once the heads give the region vector, together, one head's worth of attention.
 
     Why (README, runs 12-15): the pooled region vector holds the answer (a linear probe reads 92 % of val), yet
-    with the answer CE alone some runs never learn to look at it. In v7 (run 11, trained without it), three of the four heads of
-    the last layer give the region vector 0.28-0.50 of their attention at that position; in run 12 none gives it
-    more than 0.04 (the 576 image tokens take the rest) and every region gets the modality's commonest answer.
+    with the answer CE alone some runs never learn to look at it. In v7 (run 11, trained without it), three of the
+    four heads of the last layer give the region vector 0.28-0.50 of their attention at that position; in run 12
+    none gives it more than 0.04 (the 576 image tokens take the rest) and every region gets the modality's
+    commonest answer.
     Nothing else changes: the loss only says where to look, the answer CE still says what to read."""
     rows, region_at = [], []
     for i, ex in enumerate(batch):
