@@ -149,19 +149,26 @@ def _image_and_box() -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, 255, (48, 40, 3), dtype=np.uint8), box
 
 
+def _fresh_model():
+    """(a model of the training sizes at seed 0, the shipped tokenizer)."""
+    from engine.loading import DEFAULT_MODEL_DIR
+    from engine.tokenizer import MedPLIBTokenizer
+    from training.train import TrainConfig, init_model
+
+    tok = MedPLIBTokenizer.from_folder(DEFAULT_MODEL_DIR)
+    return init_model(TrainConfig().model_config(tok.vocab_size), seed=0), tok
+
+
 def _changed_by_stage(stage: str, examples: list[Example]) -> set[str]:
     """Names of the weights that 2 steps of `stage` on `examples` change, from a fresh model."""
     import random
 
     import torch
 
-    from engine.loading import DEFAULT_MODEL_DIR
-    from engine.tokenizer import MedPLIBTokenizer
-    from training.train import RoutingControl, TrainConfig, init_model, run_stage
+    from training.train import RoutingControl, TrainConfig, run_stage
 
-    tok = MedPLIBTokenizer.from_folder(DEFAULT_MODEL_DIR)
+    model, tok = _fresh_model()
     cfg = TrainConfig(batch_size=2, warmup=1)
-    model = init_model(cfg.model_config(tok.vocab_size), seed=0)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     run_stage(stage, model, tok, RoutingControl(model), examples, cfg, random.Random(0), steps=2)
     return {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
@@ -178,12 +185,7 @@ def test_stage_four_changes_only_the_mask_decoder_side() -> None:
 
 
 def _fresh_model_and_region_question():
-    from engine.loading import DEFAULT_MODEL_DIR
-    from engine.tokenizer import MedPLIBTokenizer
-    from training.train import TrainConfig, init_model
-
-    tok = MedPLIBTokenizer.from_folder(DEFAULT_MODEL_DIR)
-    model = init_model(TrainConfig().model_config(tok.vocab_size), seed=0)
+    model, tok = _fresh_model()
     image, region = _image_and_box()
     ex = Example(task="region", modality="MRI", question="What structure is inside <region>?",
                  answer="The region shows the white matter.", image=image, region=region)
@@ -225,10 +227,10 @@ def test_region_attention_loss_is_zero_once_the_heads_give_the_region_one_head_o
     optimiser steps on it alone bring the heads' mean attention on the region vector to 1/H, where it stops."""
     import torch
 
-    from engine.tokenizer import REGION_TOKEN_INDEX
     from training.train import (
         attention_row,
         encode,
+        region_answer_positions,
         region_answer_word,
         region_attention_loss,
         teacher_forced_hidden,
@@ -254,11 +256,10 @@ def test_region_attention_loss_is_zero_once_the_heads_give_the_region_one_head_o
     with torch.no_grad():
         layers = []
         _, spans = teacher_forced_hidden(model, tok, [ex], layers=layers)
-        q_at = spans[0][0] + answer.index(region_answer_word(tok, answer))
+        [(_, q_at, region_at)] = region_answer_positions(tok, [ex], spans)
         x = layers[-2][0, :q_at + 1]
         cos, sin = model.llm.rotary_emb(x[None], torch.arange(q_at + 1)[None])
         probs = attention_row(model.llm.layers[-1], heads, x, cos, sin)
-    region_at = encode(tok, ex).prompt.index(REGION_TOKEN_INDEX) + 575
     assert probs[:, region_at].mean() >= 1 / heads - 1e-4
 
 

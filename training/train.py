@@ -420,6 +420,23 @@ def region_answer_word(tok: MedPLIBTokenizer, answer: list[int]) -> int | None:
     return next((t for t in answer if t not in template), None)
 
 
+def region_answer_positions(tok: MedPLIBTokenizer, batch: list[Example],
+                            spans: list) -> list[tuple[int, int, int]]:
+    """(sample, position that predicts `region_answer_word`, position of the region vector) in the embedded
+    sequence, for the region questions of `batch` whose answer has such a word."""
+    out = []
+    for i, ex in enumerate(batch):
+        start, answer, _ = spans[i]
+        word = region_answer_word(tok, answer) if ex.region is not None else None
+        if word is None:
+            continue
+        ids = encode(tok, ex).prompt
+        if ids.index(IMAGE_TOKEN_INDEX) > ids.index(REGION_TOKEN_INDEX):
+            raise ValueError("the region placeholder must follow the image")
+        out.append((i, start + answer.index(word), ids.index(REGION_TOKEN_INDEX) + 575))  # -200 slot: +575 rows
+    return out
+
+
 def attention_row(decoder: nn.Module, heads: int, seen: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor) -> torch.Tensor:
     """(H, T) causal attention probabilities of a LlamaDecoderLayer's last query over `seen` (T, C), the layer's
@@ -446,23 +463,13 @@ def region_attention_loss(model: MedPLIBModel, tok: MedPLIBTokenizer, batch: lis
     none gives it more than 0.04 (the 576 image tokens take the rest) and every region gets the modality's
     commonest answer.
     Nothing else changes: the loss only says where to look, the answer CE still says what to read."""
-    rows, region_at = [], []
-    for i, ex in enumerate(batch):
-        target = region_answer_word(tok, spans[i][1]) if ex.region is not None else None
-        if target is None:
-            continue
-        ids = encode(tok, ex).prompt
-        if ids.index(IMAGE_TOKEN_INDEX) > ids.index(REGION_TOKEN_INDEX):
-            raise ValueError("the region placeholder must follow the image")
-        start, answer, _ = spans[i]
-        rows.append((i, start + answer.index(target)))
-        region_at.append(ids.index(REGION_TOKEN_INDEX) + 575)  # the -200 slot grew by 575 rows
+    rows = region_answer_positions(tok, batch, spans)
     if not rows:
         return None
     decoder, heads = model.llm.layers[layer], model.llm.hf_config.num_attention_heads
     cos, sin = model.llm.rotary_emb(layer_input, torch.arange(layer_input.shape[1])[None])
     losses = []
-    for (i, q_at), r_at in zip(rows, region_at, strict=True):
+    for i, q_at, r_at in rows:
         probs = attention_row(decoder, heads, layer_input[i, :q_at + 1], cos[:, :q_at + 1], sin[:, :q_at + 1])
         # hinge at 1/H: one head's worth of attention (v7 gave it 0.28 on average) is enough; the other heads stay
         # free for the question and the image (a version without the hinge put all four heads on it)
