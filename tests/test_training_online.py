@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from engine.processing import region_grid
+from engine.processing import clip_preprocess, region_grid
 from training import corpus as corpus_mod
 from training.online import OnlineImage, background_answer, load_online_images, presence_sample, region_sample
 from training.train import Example, augment
@@ -312,3 +313,51 @@ def test_label_maps_stack_every_mask_of_a_train_image_and_its_absent_labels() ->
     assert {maps.vocab[k] for k in np.nonzero(got["known"])[0]} == {m["label"] for m in record["masks"]} | set(absent)
     test_image = next(r["image"] for r in corpus_mod.load_index(ASSETS) if r["split"] == "test")
     assert maps.of(test_image) == {}  # only train images feed the probe
+
+
+def test_follow_up_samples_carry_earlier_turns_of_their_image_as_the_portal_replays_them() -> None:
+    """Earlier turns come from the other train questions of the same image: region paths dropped (the portal
+    replays no region), a mask answer as the empty text the portal shows; the prompt is the engine's prompt for
+    that chat, and the region vector of the question asked now still sits where the region loss looks."""
+    import torch
+
+    from engine.conversation import build_prompt
+    from engine.processing import pool_region
+    from training.train import (
+        TrainConfig,
+        encode,
+        history_turns,
+        region_answer_positions,
+        teacher_forced_hidden,
+        with_history,
+    )
+
+    def sample(image: str, q: str, a: str) -> dict:
+        return {"image": image, "conversations": [{"from": "human", "value": "<image>\n" + q},
+                                                  {"from": "gpt", "value": a}]}
+
+    pool = history_turns([sample("a.png", "Which modality is shown?", "The modality is MRI."),
+                          sample("a.png", "What is in <region>masks/r.png</region>?", "The region shows the brain."),
+                          sample("a.png", "Segment the brain.", "<SEG><mask>masks/a--brain.png</mask>"),
+                          sample("b.png", "Is any lesion visible?", "no")])
+    assert pool["a.png"] == [("Which modality is shown?", "The modality is MRI."),
+                             ("What is in <region>?", "The region shows the brain."), ("Segment the brain.", "")]
+    model, tok, ex = _fresh_model_and_region_question()
+    ex = replace(ex, source="a.png")
+    rng = random.Random(0)
+    assert with_history(ex, pool, rng, TrainConfig(history_share=0.0)) is ex
+    asked = [with_history(ex, pool, rng, TrainConfig(history_share=1.0)) for _ in range(20)]
+    assert all(1 <= len(a.history) <= 2 and set(a.history) <= set(pool["a.png"]) for a in asked)
+    assert {len(a.history) for a in asked} == {1, 2}
+    later = next(a for a in asked if len(a.history) == 2)
+    prompt = build_prompt(ex.question, template="llava_v1", history=later.history, has_region=True)
+    assert encode(tok, later).prompt == tok.encode_prompt(prompt)
+    assert len(encode(tok, later).prompt) > len(encode(tok, ex).prompt) + 10
+    with torch.no_grad():
+        maps: list = []
+        _, spans = teacher_forced_hidden(model, tok, [later], region_maps=maps)
+        [(_, q_at, region_at)] = region_answer_positions(tok, [later], spans)
+        row = model.embed_prompt(encode(tok, later).prompt, model.project_image(model.clip_features(
+            torch.from_numpy(clip_preprocess(later.image)[None])))[0], pool_region(maps[0][0], region_grid(later.region)))
+    assert torch.equal(row[0][region_at], pool_region(maps[0][0], region_grid(later.region)))
+    assert q_at > region_at

@@ -47,6 +47,7 @@ class OnlineImage:
     image: np.ndarray
     masks: dict[str, np.ndarray]
     absent: tuple[str, ...]
+    source: str = ""  # the image's path in the corpus (MeCoVQA's `image` field)
 
     @cached_property  # asked at every region draw
     def union(self) -> np.ndarray:
@@ -75,7 +76,8 @@ def load_online_images(assets: Path) -> list[OnlineImage]:
             continue
         image = np.asarray(Image.open(assets / r["image"]).convert("RGB"))
         masks = {m["label"]: np.asarray(Image.open(assets / m["path"]).convert("L")) > 127 for m in r["masks"]}
-        out.append(OnlineImage(modality=r["modality"], image=image, masks=masks, absent=tuple(absent[r["id"]])))
+        out.append(OnlineImage(modality=r["modality"], image=image, masks=masks, absent=tuple(absent[r["id"]]),
+                               source=r["image"]))
     return out
 
 

@@ -40,7 +40,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +69,7 @@ from engine.processing import (
 )
 from engine.tokenizer import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, MedPLIBTokenizer, save_tokenizer_folder
 from training.corpus import SEED as CORPUS_SEED
-from training.corpus import absent_labels, build_corpus, load_index
+from training.corpus import SEG_TOKEN, absent_labels, build_corpus, load_index
 from training.online import OnlineImage, load_online_images, presence_sample, region_sample
 from training.tokenizer_train import corpus_lines, train_sentencepiece
 
@@ -113,6 +113,7 @@ class TrainConfig:
     postprocess: str = "crop"  # mask geometry trained and shipped (config.json "mask_postprocess")
     probe_weight: float = 1.0  # stages 1 and 3: patch-label loss on the region feature map (README: why)
     region_attention_weight: float = 1.0  # last layer: -log attention to the region vector (README: why)
+    history_share: float = 0.3  # share of samples asked after earlier turns about the same image (README: why)
     evals: int = 4  # val evaluations during stages 3 and 4 (the best is kept)
     val_limit: int | None = None  # score only the first N val samples (smoke tests)
     seed: int = SEED
@@ -151,6 +152,8 @@ class Example:
     label: str | None = None  # grounding: the structure asked for (from the mask file name)
     labels: np.ndarray | None = None  # (H, W, L) bool: the image's masks, one channel per label of the vocabulary
     known: np.ndarray | None = None  # (L,) bool: labels the image's record says are present or absent
+    source: str | None = None  # the image's path in the corpus: earlier turns are drawn from its other questions
+    history: tuple[tuple[str, str], ...] = ()  # earlier (question, answer text) turns, as the portal passes them
 
 
 def _read_mask(path: Path) -> np.ndarray:
@@ -173,7 +176,7 @@ def load_examples(samples: list[dict], root: Path, label_maps: LabelMaps | None 
             answer=_MASK_RE.sub("", answer).strip(), image=images[s["image"]],
             region=_read_mask(root / region_path.group(1)) if region_path else None,
             gt=_read_mask(root / gt_path.group(1)) if gt_path else None,
-            label=Path(gt_path.group(1)).stem.split("--")[-1] if gt_path else None,
+            label=Path(gt_path.group(1)).stem.split("--")[-1] if gt_path else None, source=s["image"],
             **(label_maps.of(s["image"]) if label_maps else {})))
     return out
 
@@ -234,11 +237,33 @@ def augment(ex: Example, rng: random.Random) -> Example:
         arrays = [ex.image, ex.region, ex.gt, ex.labels]
     image = arrays[0].astype(np.float32) / 255.0
     image = np.clip(image ** rng.uniform(0.75, 1.35) * rng.uniform(0.85, 1.15) + rng.uniform(-0.06, 0.06), 0, 1)
-    return Example(task=ex.task, modality=ex.modality, question=ex.question, answer=ex.answer, label=ex.label,
-                   image=np.ascontiguousarray((image * 255 + 0.5).astype(np.uint8)),
+    return replace(ex, image=np.ascontiguousarray((image * 255 + 0.5).astype(np.uint8)),
                    region=None if arrays[1] is None else np.ascontiguousarray(arrays[1]),
                    gt=None if arrays[2] is None else np.ascontiguousarray(arrays[2]),
-                   labels=None if arrays[3] is None else np.ascontiguousarray(arrays[3]), known=ex.known)
+                   labels=None if arrays[3] is None else np.ascontiguousarray(arrays[3]))
+
+
+# The portal asks each question after the earlier turns of its chat (engine.conversation.build_prompt: earlier
+# questions as text without their region, earlier answers as the user saw them, "" after a mask). A model trained
+# on first turns only may read a follow-up's <SEG> state differently: run 16 segmented follow-up questions at
+# Dice 0.53 against 0.87 as first turns (README, "Run 16 is not shipped").
+def history_turns(samples: list[dict]) -> dict[str, list[tuple[str, str]]]:
+    """Per image path, the (question, answer text) turns of its train samples, as the portal would replay them."""
+    pool: dict[str, dict[tuple[str, str], None]] = {}
+    for s in samples:
+        question = _REGION_RE.sub("<region>", s["conversations"][0]["value"].replace("<image>", "")).strip()
+        answer = _MASK_RE.sub("", s["conversations"][1]["value"]).replace(SEG_TOKEN, "").strip()
+        pool.setdefault(s["image"], {})[(question, answer)] = None
+    return {image: list(turns) for image, turns in pool.items()}
+
+
+def with_history(ex: Example, pool: dict[str, list[tuple[str, str]]], rng: random.Random,
+                 cfg: TrainConfig) -> Example:
+    """`ex` asked after one or two earlier turns about its image, with probability `cfg.history_share`."""
+    turns = [t for t in pool.get(ex.source or "", ()) if t[0] != ex.question]
+    if not turns or rng.random() >= cfg.history_share:
+        return ex
+    return replace(ex, history=tuple(rng.sample(turns, min(len(turns), 1 + (rng.random() < 0.3)))))
 
 
 # ---------------------------------------------------------------------------------------------- routing
@@ -283,7 +308,7 @@ class Encoded:
 
 
 def encode(tok: MedPLIBTokenizer, ex: Example) -> Encoded:
-    prompt = build_prompt(ex.question, template="llava_v1", has_region=ex.region is not None)
+    prompt = build_prompt(ex.question, template="llava_v1", history=ex.history, has_region=ex.region is not None)
     return Encoded(prompt=tok.encode_prompt(prompt), answer=tok.encode(ex.answer, add_bos=False) + [tok.eos_id])
 
 
@@ -574,17 +599,20 @@ class OnlineDraws:
             s = presence_sample(item, rng) if rng.random() < self.cfg.online_presence else region_sample(item, rng)
             if s is not None:
                 return Example(task=s.task, modality=s.modality, question=s.question, answer=s.answer,
-                               image=s.image, region=s.region, **self.stacks[k])
+                               image=s.image, region=s.region, source=item.source, **self.stacks[k])
 
 
 def sample_batch(vqa: list[Example], ground: list[Example], cfg: TrainConfig, rng: random.Random,
-                 weights: tuple[list[float], list[float]], online: OnlineDraws | None = None) -> list[Example]:
+                 weights: tuple[list[float], list[float]], online: OnlineDraws | None = None,
+                 history: dict[str, list[tuple[str, str]]] | None = None) -> list[Example]:
     n_ground = len(ground) and (cfg.batch_size if not vqa else round(cfg.batch_size * cfg.grounding_share))
     picked = rng.choices(ground, weights[1], k=n_ground) if n_ground else []
     if vqa:
         for _ in range(cfg.batch_size - n_ground):
             fresh = online is not None and rng.random() < cfg.online_share
             picked.append(online.draw(rng) if fresh else rng.choices(vqa, weights[0])[0])
+    if history:
+        picked = [with_history(ex, history, rng, cfg) for ex in picked]
     return [augment(ex, rng) for ex in picked]
 
 
@@ -597,7 +625,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingControl,
               train: list[Example], cfg: TrainConfig, rng: random.Random, steps: int,
-              on_eval=None, online: OnlineDraws | None = None, probe: nn.Linear | None = None) -> None:
+              on_eval=None, online: OnlineDraws | None = None, probe: nn.Linear | None = None,
+              history: dict[str, list[tuple[str, str]]] | None = None) -> None:
     """Optimise one stage for `steps` steps; `on_eval(step)` is called `cfg.evals` times in the MoE stage.
     `probe` (training only, never saved) trains with the region adapter (stages 1 and 3)."""
     params = set_trainable(model, stage)
@@ -615,7 +644,8 @@ def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: R
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, peak, cfg.warmup)
-        loss = batch_loss(model, tok, routing, sample_batch(vqa, ground, cfg, rng, weights, online), cfg, probe)
+        loss = batch_loss(model, tok, routing, sample_batch(vqa, ground, cfg, rng, weights, online, history),
+                          cfg, probe)
         opt.zero_grad(set_to_none=True)
         loss.total.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -676,6 +706,7 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2) -> dic
                 if e.region is None or region_grid(e.region).any()]
     online = OnlineDraws(load_online_images(assets), cfg, label_maps) if cfg.online_share > 0 else None
     probe = nn.Linear(cfg.hidden, len(label_maps.vocab)) if label_maps else None
+    history = history_turns(splits["train"]) if cfg.history_share > 0 else None
     rng = random.Random(cfg.seed)
     best: dict = {"score": -1.0}
 
@@ -697,7 +728,8 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2) -> dic
             model.load_state_dict(best["state"])
         scored = stage in ("moe", "mask_decoder")
         run_stage(stage, model, tok, routing, examples, cfg, rng, steps,
-                  functools.partial(on_eval, stage_no) if scored else None, online=online, probe=probe)
+                  functools.partial(on_eval, stage_no) if scored else None, online=online, probe=probe,
+                  history=history)
         if stage == "vl_expert":
             readout["stage1"] = first = stage_one_readout(model, tok, routing, readout_val)
             log.info("after stage 1, val answers read teacher-forced by expert 1: region %.3f, closed %.3f",
@@ -798,10 +830,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="CPU threads (default 2: about 57 min on 2 idle cores; v7 used 1, README)")
     parser.add_argument("--seed", type=int, default=SEED, help=f"seed of weights and sampling (default {SEED})")
     parser.add_argument("--region-attention-weight", type=float, default=TrainConfig.region_attention_weight,
-                        help="weight of the region attention loss (README); 0 with --threads 1 repeats v7's settings")
+                        help="weight of the region attention loss (README); 0 with --history-share 0 and --threads 1 "
+                             "repeats v7's settings")
+    parser.add_argument("--history-share", type=float, default=TrainConfig.history_share,
+                        help="share of samples asked as follow-ups after earlier turns (README); 0 repeats run 16")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig(seed=args.seed, region_attention_weight=args.region_attention_weight,
+                      history_share=args.history_share,
                       **({} if args.steps is None else {"steps": tuple(args.steps)}))
     summary = train(assets=args.assets, out=args.out, cfg=cfg, threads=args.threads)
     log.info("done in %.0f s; val %s", summary["wall_time_s"], _short(summary["val"]))
