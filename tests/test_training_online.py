@@ -332,22 +332,27 @@ def test_follow_up_samples_carry_earlier_turns_of_their_image_as_the_portal_repl
         with_history,
     )
 
-    def sample(image: str, q: str, a: str) -> dict:
-        return {"image": image, "conversations": [{"from": "human", "value": "<image>\n" + q},
-                                                  {"from": "gpt", "value": a}]}
+    def sample(image: str, task: str, q: str, a: str) -> dict:
+        return {"image": image, "task": task, "answer_type": "closed" if a in ("yes", "no") else "open",
+                "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]}
 
-    pool = history_turns([sample("a.png", "Which modality is shown?", "The modality is MRI."),
-                          sample("a.png", "What is in <region>masks/r.png</region>?", "The region shows the brain."),
-                          sample("a.png", "Segment the brain.", "<SEG><mask>masks/a--brain.png</mask>"),
-                          sample("b.png", "Is any lesion visible?", "no")])
+    pool = history_turns([sample("a.png", "complex", "Which modality is shown?", "The modality is MRI."),
+                          sample("a.png", "region", "What is in <region>masks/r.png</region>?", "The region shows the brain."),
+                          sample("a.png", "grounding", "Segment the brain.", "<SEG><mask>masks/a--brain.png</mask>"),
+                          sample("a.png", "complex", "Is any brain visible?", "yes"),
+                          sample("b.png", "complex", "Is any lesion visible?", "no")])
     assert pool["a.png"] == [("Which modality is shown?", "The modality is MRI."),
-                             ("What is in <region>?", "The region shows the brain."), ("Segment the brain.", "")]
+                             ("What is in <region>?", "The region shows the brain."), ("Segment the brain.", ""),
+                             ("Is any brain visible?", "yes")]
     model, tok, ex = _fresh_model_and_region_question()
     ex = replace(ex, source="a.png")
     rng = random.Random(0)
     assert with_history(ex, pool, rng, TrainConfig(history_share=0.0)) is ex
     asked = [with_history(ex, pool, rng, TrainConfig(history_share=1.0)) for _ in range(20)]
     assert all(1 <= len(a.history) <= 2 and set(a.history) <= set(pool["a.png"]) for a in asked)
+    # a yes/no presence question is always asked first (as follow-ups they cost first-turn yes/no accuracy)
+    presence = replace(ex, task="complex", question="Can brain be seen in this image?", answer="yes", region=None)
+    assert with_history(presence, pool, rng, TrainConfig(history_share=1.0)) is presence
     assert {len(a.history) for a in asked} == {1, 2}
     later = next(a for a in asked if len(a.history) == 2)
     prompt = build_prompt(ex.question, template="llava_v1", history=later.history, has_region=True)

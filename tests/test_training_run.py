@@ -15,7 +15,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets" / "medimages"
 
 
 def test_four_stages_write_a_loadable_released_checkpoint(tmp_path: Path) -> None:
-    cfg = TrainConfig(steps=(2, 2, 2, 2), batch_size=2, warmup=1, evals=1, val_limit=6, corpus_draws=1)
+    cfg = TrainConfig(steps=(2, 2, 2, 2), batch_size=2, warmup=1, evals=(1, 1), val_limit=6, corpus_draws=1)
     summary = train(assets=ASSETS, out=tmp_path / "tiny", cfg=cfg)
 
     assert summary["best_stage_step"] in ([3, 2], [4, 2]) and summary["val"]["n"]["total"] == 6

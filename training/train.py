@@ -94,7 +94,7 @@ class TrainConfig:
     sam_embed: int = 96
     sam_depth: int = 2  # the last encoder block attends globally, the others in windows
     sam_prompt: int = 64
-    steps: tuple[int, int, int, int] = (1500, 1800, 1800, 1500)
+    steps: tuple[int, int, int, int] = (1500, 1600, 1800, 1500)  # stage 2 had 1800 until run 17 (README: time)
     corpus_draws: int = 5  # train on the union of this many corpus draws (other templates / regions / labels)
     batch_size: int = 8
     lr: tuple[float, float, float, float] = (2e-3, 2e-3, 1e-3, 1e-3)
@@ -113,8 +113,8 @@ class TrainConfig:
     postprocess: str = "crop"  # mask geometry trained and shipped (config.json "mask_postprocess")
     probe_weight: float = 1.0  # stages 1 and 3: patch-label loss on the region feature map (README: why)
     region_attention_weight: float = 1.0  # last layer: -log attention to the region vector (README: why)
-    history_share: float = 0.3  # share of samples asked after earlier turns about the same image (README: why)
-    evals: int = 4  # val evaluations during stages 3 and 4 (the best is kept)
+    history_share: float = 0.3  # share of samples (not yes/no presence) asked after earlier turns (README: why)
+    evals: tuple[int, int] = (3, 2)  # val evaluations during stages 3 and 4 (the best is kept; about 25 s each)
     val_limit: int | None = None  # score only the first N val samples (smoke tests)
     seed: int = SEED
 
@@ -247,6 +247,10 @@ def augment(ex: Example, rng: random.Random) -> Example:
 # questions as text without their region, earlier answers as the user saw them, "" after a mask). A model trained
 # on first turns only may read a follow-up's <SEG> state differently: run 16 segmented follow-up questions at
 # Dice 0.53 against 0.87 as first turns (README, "Run 16 is not shipped").
+# Yes/no presence questions are never follow-ups. With them among the follow-ups, first-turn yes/no accuracy fell
+# (stage-1 read-out 0.75 against 0.955 without follow-ups, seed 1234, 1 thread; runs 17 and 18 ended at val 0.841
+# and 0.773), also when they followed only turns naming no structure (run 18). Without them it stays at 0.955, and
+# presence questions asked as follow-ups are read as well (0.955): other tasks' follow-ups teach the turn format.
 def history_turns(samples: list[dict]) -> dict[str, list[tuple[str, str]]]:
     """Per image path, the (question, answer text) turns of its train samples, as the portal would replay them."""
     pool: dict[str, dict[tuple[str, str], None]] = {}
@@ -259,7 +263,10 @@ def history_turns(samples: list[dict]) -> dict[str, list[tuple[str, str]]]:
 
 def with_history(ex: Example, pool: dict[str, list[tuple[str, str]]], rng: random.Random,
                  cfg: TrainConfig) -> Example:
-    """`ex` asked after one or two earlier turns about its image, with probability `cfg.history_share`."""
+    """`ex` asked after one or two earlier turns about its image, with probability `cfg.history_share`; a yes/no
+    presence question is always asked first."""
+    if ex.task == "complex" and ex.answer.lower() in ("yes", "no"):
+        return ex
     turns = [t for t in pool.get(ex.source or "", ()) if t[0] != ex.question]
     if not turns or rng.random() >= cfg.history_share:
         return ex
@@ -627,7 +634,7 @@ def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: R
               train: list[Example], cfg: TrainConfig, rng: random.Random, steps: int,
               on_eval=None, online: OnlineDraws | None = None, probe: nn.Linear | None = None,
               history: dict[str, list[tuple[str, str]]] | None = None) -> None:
-    """Optimise one stage for `steps` steps; `on_eval(step)` is called `cfg.evals` times in the MoE stage.
+    """Optimise one stage for `steps` steps; `on_eval(step)` is called `cfg.evals` times in stages 3 and 4.
     `probe` (training only, never saved) trains with the region adapter (stages 1 and 3)."""
     params = set_trainable(model, stage)
     if probe is not None and model.region_fea_adapter.weight.requires_grad:
@@ -638,7 +645,8 @@ def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: R
     opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=0.0)
     vqa, ground = stage_pool(stage, train)
     weights = (balance_weights(vqa, cfg), balance_weights(ground, cfg))
-    eval_at = {steps * (k + 1) // cfg.evals - 1 for k in range(cfg.evals)} if on_eval else set()
+    evals = cfg.evals[0 if stage == "moe" else 1]
+    eval_at = {steps * (k + 1) // evals - 1 for k in range(evals)} if on_eval else set()
     model.train()
     bar = tqdm(range(steps), desc=f"stage {STAGES.index(stage) + 1} {stage}", dynamic_ncols=True)
     for step in bar:
@@ -827,17 +835,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, nargs=4, default=None, metavar=("S1", "S2", "S3", "S4"),
                         help="optimiser steps of the four stages")
     parser.add_argument("--threads", type=int, default=2,
-                        help="CPU threads (default 2: about 57 min on 2 idle cores; v7 used 1, README)")
+                        help="CPU threads (default 2: 55-61 min on 2 idle cores; v7 used 1, README)")
     parser.add_argument("--seed", type=int, default=SEED, help=f"seed of weights and sampling (default {SEED})")
     parser.add_argument("--region-attention-weight", type=float, default=TrainConfig.region_attention_weight,
-                        help="weight of the region attention loss (README); 0 with --history-share 0 and --threads 1 "
-                             "repeats v7's settings")
+                        help="weight of the region attention loss (README); v7's settings: 0 with --history-share 0 "
+                             "--threads 1 --steps 1500 1800 1800 1500 --evals 4 4")
+    parser.add_argument("--evals", type=int, nargs=2, default=None, metavar=("S3", "S4"),
+                        help="val evaluations during stages 3 and 4 (default 3 2; runs up to 17: 4 4)")
     parser.add_argument("--history-share", type=float, default=TrainConfig.history_share,
-                        help="share of samples asked as follow-ups after earlier turns (README); 0 repeats run 16")
+                        help="share of samples asked as follow-ups after earlier turns (README); run 16: 0")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig(seed=args.seed, region_attention_weight=args.region_attention_weight,
-                      history_share=args.history_share,
+                      history_share=args.history_share, **({} if args.evals is None else {"evals": tuple(args.evals)}),
                       **({} if args.steps is None else {"steps": tuple(args.steps)}))
     summary = train(assets=args.assets, out=args.out, cfg=cfg, threads=args.threads)
     log.info("done in %.0f s; val %s", summary["wall_time_s"], _short(summary["val"]))
