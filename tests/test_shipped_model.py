@@ -114,3 +114,31 @@ def test_a_follow_up_grounding_question_keeps_its_mask() -> None:
         truth = np.asarray(Image.open(ASSETS / mask_path).convert("L")) > 127
         dices.append(2 * (answer.mask & truth).sum() / (answer.mask.sum() + truth.sum()) if answer.has_mask else 0.0)
     assert np.mean(dices) >= 0.70, np.round(dices, 3)
+
+
+@pytest.mark.xfail(strict=True, reason="v7 was trained on first questions only (MODEL_CARD.md, Limitations); "
+                   "training now mixes in follow-ups: remove this mark when a model trained so is shipped")
+def test_follow_up_questions_are_answered_as_first_questions_are() -> None:
+    """The yes/no and region questions of the CI subset, each asked after the turn "What is the modality of this
+    image?", meet the single-turn floors. Asked that way, v7 answers val yes/no questions at 0.50 (0.955 as first
+    questions) and run 16 none of 44; training now mixes in follow-ups (`history_share`)."""
+    from engine import load_engine
+    from engine.evaluate import normalize_answer
+
+    eng = load_engine()
+    first_question = "What is the modality of this image?"
+    right: dict[str, list[bool]] = {"closed": [], "region": []}
+    for sample in json.loads(CI_SUBSET.read_text()):
+        kind = "region" if sample["task"] == "region" else "closed" if sample["answer_type"] == "closed" else None
+        if kind is None:
+            continue
+        image = eng.set_image(np.asarray(Image.open(ASSETS / sample["image"]).convert("RGB")))
+        question = sample["conversations"][0]["value"].replace("<image>", "").strip()
+        found = re.search(r"<region>(.*?)</region>", question)
+        region = np.asarray(Image.open(ASSETS / found.group(1)).convert("L")) > 127 if found else None
+        first = eng.ask(image, first_question)
+        answer = eng.ask(image, re.sub(r"<region>.*?</region>", "<region>", question), region=region,
+                         history=[(first_question, first.text)])
+        right[kind].append(normalize_answer(answer.text) == normalize_answer(sample["conversations"][1]["value"]))
+    assert np.mean(right["closed"]) >= FLOORS["closed_accuracy"], right["closed"]
+    assert np.mean(right["region"]) >= FLOORS["region_accuracy"], right["region"]
