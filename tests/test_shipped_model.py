@@ -95,6 +95,21 @@ def test_the_mask_follows_the_structure_named_in_the_question() -> None:
         assert dice(masks[label], truth[label]) > dice(masks[label], truth[other]) + 0.2, label
 
 
+FIRST_QUESTION = "What is the modality of this image?"
+
+
+def _ask_as_follow_up(eng, sample: dict):
+    """The engine's answer to a MeCoVQA sample's question (its region mask as the region prompt) asked after the turn
+    FIRST_QUESTION about the same image, with the model's own answer to that turn, as the portal's chat sends it."""
+    image = eng.set_image(np.asarray(Image.open(ASSETS / sample["image"]).convert("RGB")))
+    question = sample["conversations"][0]["value"].replace("<image>", "").strip()
+    found = re.search(r"<region>(.*?)</region>", question)
+    region = np.asarray(Image.open(ASSETS / found.group(1)).convert("L")) > 127 if found else None
+    first = eng.ask(image, FIRST_QUESTION)
+    return eng.ask(image, re.sub(r"<region>.*?</region>", "<region>", question), region=region,
+                   history=[(FIRST_QUESTION, first.text)])
+
+
 def test_a_follow_up_grounding_question_keeps_its_mask() -> None:
     """The portal keeps the conversation: a segmentation asked after another turn about the same image must still
     get its mask. Training asks single-turn questions only; run 16 of `training/README.md` met every single-turn
@@ -103,13 +118,9 @@ def test_a_follow_up_grounding_question_keeps_its_mask() -> None:
     from engine import load_engine
 
     eng = load_engine()
-    first_question = "What is the modality of this image?"
     dices = []
     for sample in [s for s in json.loads(CI_SUBSET.read_text()) if s["task"] == "grounding"]:
-        image = eng.set_image(np.asarray(Image.open(ASSETS / sample["image"]).convert("RGB")))
-        question = sample["conversations"][0]["value"].replace("<image>\n", "")
-        first = eng.ask(image, first_question)
-        answer = eng.ask(image, question, history=[(first_question, first.text)])
+        answer = _ask_as_follow_up(eng, sample)
         mask_path = re.search(r"<mask>(.*?)</mask>", sample["conversations"][1]["value"]).group(1)
         truth = np.asarray(Image.open(ASSETS / mask_path).convert("L")) > 127
         dices.append(2 * (answer.mask & truth).sum() / (answer.mask.sum() + truth.sum()) if answer.has_mask else 0.0)
@@ -126,19 +137,12 @@ def test_follow_up_questions_are_answered_as_first_questions_are() -> None:
     from engine.evaluate import normalize_answer
 
     eng = load_engine()
-    first_question = "What is the modality of this image?"
     right: dict[str, list[bool]] = {"closed": [], "region": []}
     for sample in json.loads(CI_SUBSET.read_text()):
         kind = "region" if sample["task"] == "region" else "closed" if sample["answer_type"] == "closed" else None
         if kind is None:
             continue
-        image = eng.set_image(np.asarray(Image.open(ASSETS / sample["image"]).convert("RGB")))
-        question = sample["conversations"][0]["value"].replace("<image>", "").strip()
-        found = re.search(r"<region>(.*?)</region>", question)
-        region = np.asarray(Image.open(ASSETS / found.group(1)).convert("L")) > 127 if found else None
-        first = eng.ask(image, first_question)
-        answer = eng.ask(image, re.sub(r"<region>.*?</region>", "<region>", question), region=region,
-                         history=[(first_question, first.text)])
+        answer = _ask_as_follow_up(eng, sample)
         right[kind].append(normalize_answer(answer.text) == normalize_answer(sample["conversations"][1]["value"]))
     assert np.mean(right["closed"]) >= FLOORS["closed_accuracy"], right["closed"]
     assert np.mean(right["region"]) >= FLOORS["region_accuracy"], right["region"]

@@ -261,11 +261,16 @@ def history_turns(samples: list[dict]) -> dict[str, list[tuple[str, str]]]:
     return {image: list(turns) for image, turns in pool.items()}
 
 
+def is_presence_question(ex: Example) -> bool:
+    """A closed complex question ("Is any X visible?"), answered yes or no."""
+    return ex.task == "complex" and ex.answer.lower() in ("yes", "no")
+
+
 def with_history(ex: Example, pool: dict[str, list[tuple[str, str]]], rng: random.Random,
                  cfg: TrainConfig) -> Example:
     """`ex` asked after one or two earlier turns about its image, with probability `cfg.history_share`; a yes/no
     presence question is always asked first."""
-    if ex.task == "complex" and ex.answer.lower() in ("yes", "no"):
+    if is_presence_question(ex):
         return ex
     turns = [t for t in pool.get(ex.source or "", ()) if t[0] != ex.question]
     if not turns or rng.random() >= cfg.history_share:
@@ -785,7 +790,7 @@ def readout_examples(val: list[dict], assets: Path) -> dict[str, list[Example]]:
     """The val region questions and closed (yes/no) complex questions, loaded once for `stage_one_readout`."""
     examples = load_examples([s for s in val if s["task"] != "grounding"], assets)
     return {"region": [e for e in examples if e.task == "region"],
-            "closed": [e for e in examples if e.task != "region" and e.answer.lower() in ("yes", "no")]}
+            "closed": [e for e in examples if is_presence_question(e)]}
 
 
 def stage_one_readout(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingControl,
