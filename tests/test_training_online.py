@@ -350,9 +350,10 @@ def test_follow_up_samples_carry_earlier_turns_of_their_image_as_the_portal_repl
     assert with_history(ex, pool, rng, TrainConfig(history_share=0.0)) is ex
     asked = [with_history(ex, pool, rng, TrainConfig(history_share=1.0)) for _ in range(20)]
     assert all(1 <= len(a.history) <= 2 and set(a.history) <= set(pool["a.png"]) for a in asked)
-    # a yes/no presence question is always asked first (as follow-ups they cost first-turn yes/no accuracy)
+    # yes/no presence questions follow their own share (as follow-ups they cost first-turn yes/no accuracy)
     presence = replace(ex, task="complex", question="Can brain be seen in this image?", answer="yes", region=None)
-    assert with_history(presence, pool, rng, TrainConfig(history_share=1.0)) is presence
+    assert with_history(presence, pool, rng, TrainConfig(history_share=1.0, presence_history_share=0.0)) is presence
+    assert with_history(presence, pool, rng, TrainConfig(history_share=0.0, presence_history_share=1.0)).history
     assert {len(a.history) for a in asked} == {1, 2}
     later = next(a for a in asked if len(a.history) == 2)
     prompt = build_prompt(ex.question, template="llava_v1", history=later.history, has_region=True)
