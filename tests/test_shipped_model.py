@@ -20,13 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets" / "medimages"
 CI_SUBSET = ASSETS / "ci_subset.json"
 MAX_CHECKPOINT_BYTES = 25 * 1024 * 1024
-# Regression floors a little below what the shipped model (v7) scores on the CI subset (39 samples: mDice 0.80 with
-# MRI 0.76, fluorescence 0.93, histopathology 0.76, nuclear medicine 0.79 (one image); closed 6/6; region 13/13). On
-# the full test split it meets every target of the issue: mDice 0.88, each modality >= 0.77, closed 0.93 (43/46),
-# region 0.85 (64/75): see MODEL_CARD.md. The region floor allows 3 of the 13 answers to be wrong, the closed floor 1 of 6.
-FLOORS = {"mDice": 0.72, "closed_accuracy": 0.80, "region_accuracy": 0.75}
-MODALITY_DICE_FLOORS = {"MRI": 0.65, "fluorescence microscopy": 0.85, "histopathology": 0.67,
-                        "nuclear medicine": 0.70}
+# Regression floors a little below what the shipped model (v8) scores on the CI subset (39 samples: mDice 0.75 with
+# MRI 0.66 (its one synthetic lesion gets an empty mask; brain 0.99, grey 0.76, white 0.87), fluorescence 0.93,
+# histopathology 0.73, nuclear medicine 0.84 (one image); closed 6/6; region 11/13). On the full test split it meets
+# every target of the issue: mDice 0.85, each modality >= 0.73, closed 0.96 (44/46), region 0.85 (64/75): see
+# MODEL_CARD.md. The region floor allows 3 of the 13 answers to be wrong, the closed floor 1 of 6; MRI's floor is the
+# issue's per-modality target.
+FLOORS = {"mDice": 0.70, "closed_accuracy": 0.80, "region_accuracy": 0.75}
+MODALITY_DICE_FLOORS = {"MRI": 0.60, "fluorescence microscopy": 0.85, "histopathology": 0.65,
+                        "nuclear medicine": 0.75}
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(),
                                 reason="models/medplib-tiny is not shipped in this checkout")
@@ -112,9 +114,9 @@ def _ask_as_follow_up(eng, sample: dict):
 
 def test_a_follow_up_grounding_question_keeps_its_mask() -> None:
     """The portal keeps the conversation: a segmentation asked after another turn about the same image must still
-    get its mask. Training asks single-turn questions only; run 16 of `training/README.md` met every single-turn
-    target yet fell from CI-subset mDice 0.78 to 0.53 after one earlier turn (three masks empty), while v7 keeps
-    0.80. Floor: 0.70 over the CI subset's grounding samples."""
+    get its mask. Run 16 of `training/README.md`, trained on first questions only, met every single-turn target yet
+    fell from CI-subset mDice 0.78 to 0.53 after one earlier turn (three masks empty); v8, trained with follow-ups,
+    scores 0.75 either way. Floor: 0.68 over the CI subset's grounding samples."""
     from engine import load_engine
 
     eng = load_engine()
@@ -124,15 +126,14 @@ def test_a_follow_up_grounding_question_keeps_its_mask() -> None:
         mask_path = re.search(r"<mask>(.*?)</mask>", sample["conversations"][1]["value"]).group(1)
         truth = np.asarray(Image.open(ASSETS / mask_path).convert("L")) > 127
         dices.append(2 * (answer.mask & truth).sum() / (answer.mask.sum() + truth.sum()) if answer.has_mask else 0.0)
-    assert np.mean(dices) >= 0.70, np.round(dices, 3)
+    assert np.mean(dices) >= 0.68, np.round(dices, 3)
 
 
-@pytest.mark.xfail(strict=True, reason="v7 was trained on first questions only (MODEL_CARD.md, Limitations); "
-                   "training now mixes in follow-ups: remove this mark when a model trained so is shipped")
 def test_follow_up_questions_are_answered_as_first_questions_are() -> None:
     """The yes/no and region questions of the CI subset, each asked after the turn "What is the modality of this
-    image?", meet the single-turn floors. Asked that way, v7 answers val yes/no questions at 0.50 (0.955 as first
-    questions) and run 16 none of 44; training now mixes in follow-ups (`history_share`)."""
+    image?", meet the single-turn floors. Asked that way, v7 (trained on first questions only) answered val yes/no
+    questions at 0.50 (0.955 as first questions), run 16 none of 44, and run 19 (no yes/no follow-ups in training)
+    0.18; v8 answers 6/6 and 11/13 of the CI subset (val 0.886 and 0.895)."""
     from engine import load_engine
     from engine.evaluate import normalize_answer
 
