@@ -251,8 +251,9 @@ def augment(ex: Example, rng: random.Random) -> Example:
 # Yes/no presence questions are follow-ups less often (presence_history_share). With 30 % of them follow-ups,
 # first-turn yes/no accuracy fell (stage-1 read-out 0.75 against 0.955 without follow-ups, seed 1234, 1 thread;
 # runs 17 and 18 ended at val 0.841 and 0.773), also when they followed only turns naming no structure (run 18).
-# With none (run 19), first turns kept 0.955 but a yes/no follow-up got an empty answer (val 0.18 after a modality
-# turn): the stage-1 read-out, teacher-forced, had hidden that. The stage-1 screen at 10 % kept 0.955 for both.
+# With none (run 19), first turns kept 0.955 but yes/no follow-ups were answered with <SEG> (val 0.18 right after a
+# modality turn): the stage-1 read-out, teacher-forced, had hidden that. A stage-1 screen at 10 % kept 0.955 both
+# ways, and run 20 (v8) ended at 0.955 / 0.886.
 def history_turns(samples: list[dict]) -> dict[str, list[tuple[str, str]]]:
     """Per image path, the (question, answer text) turns of its train samples, as the portal would replay them."""
     pool: dict[str, dict[tuple[str, str], None]] = {}
@@ -855,7 +856,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig(seed=args.seed, region_attention_weight=args.region_attention_weight,
-                      history_share=args.history_share, presence_history_share=args.presence_history_share, **({} if args.evals is None else {"evals": tuple(args.evals)}),
+                      history_share=args.history_share, presence_history_share=args.presence_history_share,
+                      **({} if args.evals is None else {"evals": tuple(args.evals)}),
                       **({} if args.steps is None else {"steps": tuple(args.steps)}))
     summary = train(assets=args.assets, out=args.out, cfg=cfg, threads=args.threads)
     log.info("done in %.0f s; val %s", summary["wall_time_s"], _short(summary["val"]))
