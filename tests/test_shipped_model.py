@@ -4,7 +4,6 @@ test subset (`assets/medimages/ci_subset.json`) through `python -m engine evalua
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,15 +99,24 @@ def test_the_mask_follows_the_structure_named_in_the_question() -> None:
 FIRST_QUESTION = "What is the modality of this image?"
 
 
-def _ask_as_follow_up(eng, sample: dict):
-    """The engine's answer to a MeCoVQA sample's question (its region mask as the region prompt) asked after the turn
+def _ci_samples(task: str | None = None) -> list:
+    """The CI subset as `engine.evaluate` parses it (question with `<region>`, absolute region/mask paths)."""
+    from engine.evaluate import load_samples
+
+    samples = load_samples(json.loads(CI_SUBSET.read_text()), ASSETS)
+    return [s for s in samples if task is None or s.task == task]
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("L")) > 127
+
+
+def _ask_as_follow_up(eng, sample):
+    """The engine's answer to an `EvalSample`'s question (its region mask as the region prompt) asked after the turn
     FIRST_QUESTION about the same image, with the model's own answer to that turn, as the portal's chat sends it."""
-    image = eng.set_image(np.asarray(Image.open(ASSETS / sample["image"]).convert("RGB")))
-    question = sample["conversations"][0]["value"].replace("<image>", "").strip()
-    found = re.search(r"<region>(.*?)</region>", question)
-    region = np.asarray(Image.open(ASSETS / found.group(1)).convert("L")) > 127 if found else None
+    image = eng.set_image(np.asarray(Image.open(sample.image).convert("RGB")))
     first = eng.ask(image, FIRST_QUESTION)
-    return eng.ask(image, re.sub(r"<region>.*?</region>", "<region>", question), region=region,
+    return eng.ask(image, sample.question, region=_read_mask(sample.region) if sample.region else None,
                    history=[(FIRST_QUESTION, first.text)])
 
 
@@ -118,14 +126,11 @@ def test_a_follow_up_grounding_question_keeps_its_mask() -> None:
     fell from CI-subset mDice 0.78 to 0.53 after one earlier turn (three masks empty); v8, trained with follow-ups,
     scores 0.75 either way. Floor: 0.68 over the CI subset's grounding samples."""
     from engine import load_engine
+    from engine.evaluate import dice_from_iou, mask_iou
 
     eng = load_engine()
-    dices = []
-    for sample in [s for s in json.loads(CI_SUBSET.read_text()) if s["task"] == "grounding"]:
-        answer = _ask_as_follow_up(eng, sample)
-        mask_path = re.search(r"<mask>(.*?)</mask>", sample["conversations"][1]["value"]).group(1)
-        truth = np.asarray(Image.open(ASSETS / mask_path).convert("L")) > 127
-        dices.append(2 * (answer.mask & truth).sum() / (answer.mask.sum() + truth.sum()) if answer.has_mask else 0.0)
+    dices = [dice_from_iou(mask_iou(_ask_as_follow_up(eng, sample).mask, _read_mask(sample.gt_mask)))
+             for sample in _ci_samples("grounding")]
     assert np.mean(dices) >= 0.68, np.round(dices, 3)
 
 
@@ -139,11 +144,11 @@ def test_follow_up_questions_are_answered_as_first_questions_are() -> None:
 
     eng = load_engine()
     right: dict[str, list[bool]] = {"closed": [], "region": []}
-    for sample in json.loads(CI_SUBSET.read_text()):
-        kind = "region" if sample["task"] == "region" else "closed" if sample["answer_type"] == "closed" else None
+    for sample in _ci_samples():
+        kind = "region" if sample.task == "region" else "closed" if sample.answer_type == "closed" else None
         if kind is None:
             continue
         answer = _ask_as_follow_up(eng, sample)
-        right[kind].append(normalize_answer(answer.text) == normalize_answer(sample["conversations"][1]["value"]))
+        right[kind].append(normalize_answer(answer.text) == normalize_answer(sample.reference))
     assert np.mean(right["closed"]) >= FLOORS["closed_accuracy"], right["closed"]
     assert np.mean(right["region"]) >= FLOORS["region_accuracy"], right["region"]
