@@ -15,11 +15,13 @@ import numpy as np
 
 from cases.errors import InvalidCaseData
 from cases.imaging import encode_mask_png, encode_png, to_rgb
-from cases.models import Attempt, Case, Image, Mask, ModelOutput, Question
+from cases.models import Attempt, AuditEntry, Case, Image, Mask, ModelOutput, Question
 from cases.records import (
     DIFFICULTIES,
     QUESTION_KINDS,
     AttemptRecord,
+    AuditRecord,
+    BurnedInReview,
     CaseDraft,
     CaseRecord,
     CaseSummary,
@@ -40,6 +42,9 @@ CASE_FIELDS = (
     "title", "modality", "anatomy", "plane", "difficulty", "vignette", "findings", "discussion",
     "key_points", "tags", "window_preset", "source", "provenance", "licence", "synthetic", "published",
 )  # fmt: skip
+
+
+REVIEW_FIELDS = ("burned_in_review_required", "burned_in_reviewed_by", "burned_in_reviewed_at")
 
 
 def slugify(title: str) -> str:
@@ -70,6 +75,9 @@ def case_row(draft: CaseDraft) -> Case:
         tags=list(draft.tags),
         images=images,
         questions=questions,
+        burned_in_review_required=bool(draft.burned_in_suspected),
+        burned_in_reviewed_by=None,
+        burned_in_reviewed_at=None,
     )
 
 
@@ -161,8 +169,8 @@ def _output_row(draft: ModelOutputDraft, size: tuple[int, int]) -> ModelOutput:
 
 
 def copy_case_fields(source: Case, target: Case) -> None:
-    """Copy the editable scalar fields (not id/slug/created_at) from one row to another."""
-    for name in CASE_FIELDS:
+    """Copy the editable scalar fields and the burned-in review (not id/slug/created_at) between rows."""
+    for name in (*CASE_FIELDS, *REVIEW_FIELDS):
         setattr(target, name, getattr(source, name))
 
 
@@ -192,6 +200,9 @@ def case_summary(case: Case, n_images: int, n_masks: int, n_questions: int) -> C
         n_masks=int(n_masks),
         n_questions=int(n_questions),
         published=bool(case.published),
+        burned_in_review=BurnedInReview(
+            bool(case.burned_in_review_required), case.burned_in_reviewed_by, case.burned_in_reviewed_at
+        ),
     )
 
 
@@ -301,3 +312,22 @@ def _csv_safe(value: object) -> object:
     if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
         return "'" + value
     return "" if value is None else value
+
+
+def audit_record(row: AuditEntry) -> AuditRecord:
+    return AuditRecord(id=row.id, at=row.at, actor=row.actor, action=row.action, case_id=row.case_id,
+                       case_slug=row.case_slug, detail=row.detail)  # fmt: skip
+
+
+AUDIT_COLUMNS = ("id", "at", "actor", "action", "case_id", "case_slug", "detail")
+
+
+def audit_csv(records: Sequence[AuditRecord]) -> str:
+    """CSV text of audit entries (formula-looking cells quoted, as in `attempts_csv`)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(AUDIT_COLUMNS)
+    for r in records:
+        row = (r.id, r.at.isoformat(timespec="seconds"), r.actor, r.action, r.case_id, r.case_slug, r.detail)
+        writer.writerow([_csv_safe(value) for value in row])
+    return buffer.getvalue()

@@ -25,3 +25,15 @@ class ArchiveError(CaseStoreError):
 
 class DuplicateCase(ArchiveError):
     """An archive (or a new case) uses a slug that is already in the library."""
+
+
+class LoginThrottled(PermissionDenied):
+    """Too many failed logins from this client or for this account: wait `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class PublishBlocked(PermissionDenied):
+    """A case flagged for burned-in annotation cannot be published before an instructor's review."""

@@ -47,6 +47,10 @@ class Case(Base):
     licence: Mapped[str] = mapped_column(String(120))
     synthetic: Mapped[bool] = mapped_column(Boolean, default=False)
     published: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    # Publish gate (migration 0002): set when an image may hold burned-in text; publishing needs a review.
+    burned_in_review_required: Mapped[bool] = mapped_column(Boolean, default=False)
+    burned_in_reviewed_by: Mapped[str | None] = mapped_column(String(80))
+    burned_in_reviewed_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utc_now)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utc_now, onupdate=utc_now)
 
@@ -148,8 +152,22 @@ class Attempt(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utc_now)
 
 
+class AuditEntry(Base):
+    """One instructor action (migration 0002). No foreign key: the entry outlives a deleted case."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utc_now, index=True)
+    actor: Mapped[str] = mapped_column(String(80), index=True)
+    action: Mapped[str] = mapped_column(String(40))
+    case_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    case_slug: Mapped[str | None] = mapped_column(String(120))
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
 class Instructor(Base):
-    """An instructor account; `password_hash` is a self-describing scrypt string (see cases.auth)."""
+    """An instructor account; `password_hash` is an argon2id (or legacy scrypt) string (see cases.auth)."""
 
     __tablename__ = "instructors"
 

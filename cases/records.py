@@ -68,6 +68,32 @@ class QuestionRecord:
 
 
 @dataclass(frozen=True)
+class BurnedInReview:
+    """Whether a case's image may hold burned-in text, and who confirmed the pixels were checked, when."""
+
+    required: bool
+    reviewed_by: str | None
+    reviewed_at: dt.datetime | None
+
+    @property
+    def blocks_publishing(self) -> bool:
+        return self.required and self.reviewed_by is None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One instructor action: who, what, which case (id and slug at the time), when, and a detail."""
+
+    id: int
+    at: dt.datetime
+    actor: str
+    action: str
+    case_id: int | None
+    case_slug: str | None
+    detail: str
+
+
+@dataclass(frozen=True)
 class CaseSummary:
     """One row of the library list."""
 
@@ -83,6 +109,7 @@ class CaseSummary:
     n_masks: int
     n_questions: int
     published: bool
+    burned_in_review: BurnedInReview = field(default_factory=lambda: BurnedInReview(False, None, None))
 
 
 @dataclass(frozen=True)
@@ -226,3 +253,5 @@ class CaseDraft:
     synthetic: bool = False
     published: bool = False
     slug: str | None = None  # derived from the title when None
+    burned_in_suspected: bool = False  # de-identification could not rule out burned-in text in the pixels
+    burned_in_reviewed: bool = False  # the instructor saving the draft confirms the pixels were checked

@@ -26,13 +26,21 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from cases import convert
-from cases.auth import hash_password, verify_password
+from cases.auth import MAX_PASSWORD_LENGTH, hash_password, needs_rehash, verify_dummy, verify_password
 from cases.db import IMMEDIATE_OPTION, current_revision, is_sqlite, make_engine, resolve_url, upgrade_schema
-from cases.errors import CaseNotFound, DuplicateCase, InvalidCaseData, PermissionDenied
+from cases.errors import (
+    CaseNotFound,
+    DuplicateCase,
+    InvalidCaseData,
+    LoginThrottled,
+    PermissionDenied,
+    PublishBlocked,
+)
 from cases.imaging import encode_mask_png
-from cases.models import Attempt, Case, Image, Instructor, Mask, ModelOutput, Question, utc_now
+from cases.models import Attempt, AuditEntry, Case, Image, Instructor, Mask, ModelOutput, Question, utc_now
 from cases.records import (
     AttemptRecord,
+    AuditRecord,
     CaseDraft,
     CaseRecord,
     CaseSummary,
@@ -40,12 +48,14 @@ from cases.records import (
     ModelOutputRecord,
 )
 from cases.scoring import answer_matches, overlap
+from cases.throttle import LoginThrottle
 
 log = logging.getLogger(__name__)
 
 SESSION_LIFETIME = dt.timedelta(hours=8)
-MAX_FAILED_LOGINS = 5  # per username within LOGIN_LOCKOUT; then logins are refused until it passes
-LOGIN_LOCKOUT = dt.timedelta(minutes=15)
+SESSION_PURGE_INTERVAL = dt.timedelta(minutes=1)
+MAX_USERNAME_CHARS = 80
+WRONG_LOGIN = "wrong instructor username or password"
 STUDENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 OPERATOR_USERNAME = "operator (local)"
 
@@ -65,7 +75,8 @@ class CaseStore:
             self.engine.execution_options(**{IMMEDIATE_OPTION: True}), expire_on_commit=False
         )
         self._sessions: dict[str, InstructorSession] = {}
-        self._failed_logins: dict[str, list[dt.datetime]] = {}
+        self._next_purge = utc_now()
+        self.throttle = LoginThrottle()
         self._lock = threading.Lock()
         was_empty = current_revision(self.engine) is None
         upgrade_schema(self.engine)
@@ -100,66 +111,138 @@ class CaseStore:
     def create_instructor(self, session: InstructorSession, username: str, password: str) -> None:
         """Create an instructor account (needs an instructor or operator session)."""
         self._require(session)
-        if not STUDENT_ID_PATTERN.match(username):
+        if len(username) > MAX_USERNAME_CHARS or not STUDENT_ID_PATTERN.match(username):
             raise InvalidCaseData("usernames are 1-80 letters, digits, '.', '_' or '-'")
         try:
             with self._writing() as db:
                 db.add(Instructor(username=username, password_hash=hash_password(password)))
+                self._record(session.username, "create_instructor", detail=username, db=db)
         except IntegrityError as error:
             raise InvalidCaseData(f"instructor {username!r} already exists") from error
 
-    def login(self, username: str, password: str) -> InstructorSession:
-        """Check a password (constant-time) and return a session; PermissionDenied when wrong.
+    def login(self, username: str, password: str, client: str = "local") -> InstructorSession:
+        """Check a password and return a session; PermissionDenied when wrong.
 
-        After MAX_FAILED_LOGINS failures for one username within LOGIN_LOCKOUT, logins are refused.
+        Unknown usernames cost one dummy verification, like a wrong password (no timing oracle).
+        Failures slow further attempts from the same `client` (e.g. its IP address) and for the same
+        account with capped exponential back-off (`cases.throttle`): LoginThrottled says how long to
+        wait, and the owner logging in from another client waits seconds at most. Old scrypt hashes
+        are replaced by argon2id on success.
         """
-        self._check_lockout(username)
+        if not 1 <= len(username) <= MAX_USERNAME_CHARS or len(password) > MAX_PASSWORD_LENGTH:
+            raise PermissionDenied(WRONG_LOGIN)
+        admission = self.throttle.begin(client[:100], username)
+        if not admission.allowed:
+            raise LoginThrottled(
+                f"too many failed logins; try again in {admission.retry_after_s:.1f} s",
+                admission.retry_after_s,
+            )
         with self._reading() as db:
-            row = db.scalar(select(Instructor).where(Instructor.username == username))
-            stored = row.password_hash if row is not None else None
+            stored = db.scalar(select(Instructor.password_hash).where(Instructor.username == username))
         if stored is None or not verify_password(password, stored):
-            with self._lock:
-                self._failed_logins.setdefault(username, []).append(utc_now())
-            raise PermissionDenied("wrong instructor username or password")
-        with self._lock:
-            self._failed_logins.pop(username, None)
-        return self._issue(username)
+            if stored is None:
+                verify_dummy(password)
+            raise PermissionDenied(WRONG_LOGIN)
+        self.throttle.succeeded(client[:100], username)
+        if needs_rehash(stored):
+            self._rehash(username, password)
+        return self._issue(username, action="login", detail=f"password, client {client[:100]}")
 
-    def _check_lockout(self, username: str) -> None:
-        since = utc_now() - LOGIN_LOCKOUT
-        with self._lock:
-            recent = [t for t in self._failed_logins.get(username, []) if t > since]
-            self._failed_logins[username] = recent
-        if len(recent) >= MAX_FAILED_LOGINS:
-            raise PermissionDenied(f"too many failed logins for {username!r}; try again in 15 minutes")
+    def _rehash(self, username: str, password: str) -> None:
+        with self._writing() as db:
+            row = db.scalar(select(Instructor).where(Instructor.username == username))
+            if row is not None:
+                row.password_hash = hash_password(password)
+        log.info("instructor %r: password hash upgraded to argon2id", username)
 
     def operator_session(self) -> InstructorSession:
         """A session for trusted local tools (CLI, seeding). The web portal must never call this."""
         return self._issue(OPERATOR_USERNAME)
 
+    def external_session(self, username: str, provider: str) -> InstructorSession:
+        """A session for an identity the portal verified itself (e.g. Hugging Face OAuth + allow-list)."""
+        if not 1 <= len(username) <= MAX_USERNAME_CHARS:
+            raise PermissionDenied(WRONG_LOGIN)
+        return self._issue(f"{provider}:{username}", action="login", detail=f"via {provider}")
+
     def logout(self, session: InstructorSession) -> None:
+        """Invalidate the session at once (its token is forgotten)."""
         with self._lock:
-            self._sessions.pop(session.token, None)
+            known = self._sessions.pop(session.token, None)
+        if known is not None:
+            self._record(known.username, "logout")
+
+    def session_for_token(self, token: str | None) -> InstructorSession | None:
+        """The live session with this secret token (e.g. from an HttpOnly cookie), else None."""
+        if not token:
+            return None
+        self._purge_expired()
+        with self._lock:
+            session = self._sessions.get(token)
+        return session if session is not None and session.expires_at > utc_now() else None
 
     def is_instructor(self, session: InstructorSession | None) -> bool:
         """True when `session` was issued by this store and has not expired or been logged out."""
         if session is None:
             return False
-        with self._lock:
-            known = self._sessions.get(session.token)
-        return known == session and known.expires_at > utc_now()
+        return self.session_for_token(session.token) == session
 
-    def _issue(self, username: str) -> InstructorSession:
+    @property
+    def n_sessions(self) -> int:
+        """Sessions held in memory (expired ones are purged at most SESSION_PURGE_INTERVAL late)."""
+        return len(self._sessions)
+
+    def _purge_expired(self, force: bool = False) -> None:
+        now = utc_now()
+        with self._lock:
+            if not force and now < self._next_purge:
+                return
+            self._next_purge = now + SESSION_PURGE_INTERVAL
+            for token in [t for t, s in self._sessions.items() if s.expires_at <= now]:
+                del self._sessions[token]
+
+    def _issue(self, username: str, action: str | None = None, detail: str = "") -> InstructorSession:
+        self._purge_expired()
         session = InstructorSession(
             username=username, token=secrets.token_urlsafe(32), expires_at=utc_now() + SESSION_LIFETIME
         )
         with self._lock:
             self._sessions[session.token] = session
+        if action is not None:
+            self._record(username, action, detail=detail)
         return session
 
-    def _require(self, session: InstructorSession | None) -> None:
-        if not self.is_instructor(session):
+    def _require(self, session: InstructorSession | None) -> InstructorSession:
+        if session is None or not self.is_instructor(session):
             raise PermissionDenied("this is an instructor action: log in as an instructor first")
+        return session
+
+    # ----------------------------------------------------------------------------------- audit
+
+    def _record(self, actor: str, action: str, case: Case | None = None, detail: str = "",
+                db: Session | None = None) -> None:  # fmt: skip
+        entry = AuditEntry(actor=actor, action=action, case_id=None if case is None else case.id,
+                           case_slug=None if case is None else case.slug, detail=detail)  # fmt: skip
+        if db is not None:
+            db.add(entry)
+            return
+        with self._writing() as own:
+            own.add(entry)
+
+    def audit_log(self, session: InstructorSession, limit: int = 10_000) -> tuple[AuditRecord, ...]:
+        """Instructor actions, newest first (instructor only)."""
+        self._require(session)
+        with self._reading() as db:
+            rows = db.scalars(
+                select(AuditEntry).order_by(AuditEntry.at.desc(), AuditEntry.id.desc()).limit(limit)
+            )
+            return tuple(convert.audit_record(row) for row in rows)
+
+    def audit_csv(self, session: InstructorSession) -> str:
+        """The audit log as CSV text (instructor only); the export itself is logged."""
+        records = self.audit_log(session)
+        self._record(session.username, "export_audit_log", detail=f"{len(records)} entries")
+        return convert.audit_csv(records)
 
     # ----------------------------------------------------------------------------------- reading
 
@@ -289,8 +372,9 @@ class CaseStore:
             return tuple(convert.attempt_record(a, case_id) for a, case_id in rows)
 
     def attempts_csv(self, session: InstructorSession) -> str:
-        """Quiz results as CSV text (instructor only); see `cases.convert.attempts_csv`."""
+        """Quiz results as CSV text (instructor only); see `cases.convert.attempts_csv`. Logged."""
         attempts = self.all_attempts(session)
+        self._record(session.username, "export_quiz_results", detail=f"{len(attempts)} attempts")
         with self._reading() as db:
             titles = dict(db.execute(select(Case.id, Case.slug)).tuples().all())
             kinds = dict(db.execute(select(Question.id, Question.kind)).tuples().all())
@@ -304,8 +388,10 @@ class CaseStore:
 
     def create_cases(self, session: InstructorSession, drafts: Sequence[CaseDraft]) -> tuple[CaseRecord, ...]:
         """Store several cases in ONE transaction: all or nothing (instructor only)."""
-        self._require(session)
+        session = self._require(session)
         rows = [convert.case_row(draft) for draft in drafts]  # validates before touching the DB
+        for row, draft in zip(rows, drafts, strict=True):
+            _apply_review(row, draft, session.username)
         slugs = [row.slug for row in rows]
         if len(set(slugs)) != len(slugs):
             raise DuplicateCase(f"the same slug appears twice in one batch: {sorted(slugs)}")
@@ -319,6 +405,8 @@ class CaseStore:
                 )
             db.add_all(rows)
             db.flush()
+            for row in rows:
+                self._record(session.username, "create", row, detail=_state(row), db=db)
             return tuple(convert.case_record(row) for row in rows)
 
     def update_case(self, session: InstructorSession, case: int | str, draft: CaseDraft) -> CaseRecord:
@@ -326,24 +414,30 @@ class CaseStore:
 
         Cached model outputs and attempts of the old questions are deleted with them.
         """
-        self._require(session)
+        session = self._require(session)
         fresh = convert.case_row(draft)
         with self._writing() as db:
             row = self._load_case(db, case)
+            _carry_review(row, fresh, draft)
+            _apply_review(fresh, draft, session.username)
             convert.copy_case_fields(fresh, row)
             images, questions = list(fresh.images), list(fresh.questions)
             fresh.images, fresh.questions = [], []  # detach, so the throw-away row is never inserted
             row.images, row.questions = images, questions
             row.updated_at = utc_now()
             db.flush()
+            self._record(session.username, "edit", row, detail=_state(row), db=db)
             return convert.case_record(row)
 
     def set_published(self, session: InstructorSession, case: int | str, published: bool) -> CaseSummary:
-        """Publish or unpublish a case (instructor only)."""
-        self._require(session)
+        """Publish or unpublish a case (instructor only); PublishBlocked while a burned-in review is due."""
+        session = self._require(session)
         with self._writing() as db:
             row = self._load_case(db, case)
+            if published:
+                _check_gate(row)
             row.published = published
+            self._record(session.username, "publish" if published else "unpublish", row, db=db)
             row.updated_at = utc_now()
             db.flush()
             case_id = row.id
@@ -351,13 +445,25 @@ class CaseStore:
 
     def delete_case(self, session: InstructorSession, case: int | str) -> None:
         """Delete a case with its images, masks, questions, outputs and attempts (instructor only)."""
-        self._require(session)
+        session = self._require(session)
         with self._writing() as db:
             row = self._load_case(db, case)
+            self._record(session.username, "delete", row, detail=row.title[:200], db=db)
             db.execute(
                 Attempt.__table__.delete().where(Attempt.question_id.in_([q.id for q in row.questions]))
             )
             db.delete(row)
+
+    def confirm_burned_in_review(self, session: InstructorSession, case: int | str) -> CaseSummary:
+        """Record that this instructor checked the case's pixels for burned-in text (who, when)."""
+        session = self._require(session)
+        with self._writing() as db:
+            row = self._load_case(db, case)
+            row.burned_in_reviewed_by = session.username
+            row.burned_in_reviewed_at = utc_now()
+            self._record(session.username, "confirm_burned_in_review", row, db=db)
+            case_id = row.id
+        return self._summary_of(case_id)
 
     def save_model_output(
         self,
@@ -461,6 +567,35 @@ def _summary_query() -> Any:
 
 def _summary(case: Case, n_images: int, n_masks: int, n_questions: int) -> CaseSummary:
     return convert.case_summary(case, n_images, n_masks, n_questions)
+
+
+def _apply_review(row: Case, draft: CaseDraft, username: str) -> None:
+    """Store the draft's burned-in flag and, when confirmed, the review; refuse an unreviewed publish."""
+    row.burned_in_review_required = bool(row.burned_in_review_required or draft.burned_in_suspected)
+    if row.burned_in_review_required and draft.burned_in_reviewed and row.burned_in_reviewed_by is None:
+        row.burned_in_reviewed_by, row.burned_in_reviewed_at = username, utc_now()
+    if row.published:
+        _check_gate(row)
+
+
+def _carry_review(stored: Case, fresh: Case, draft: CaseDraft) -> None:
+    """An edit keeps the stored flag; a newly flagged image needs a new review."""
+    fresh.burned_in_review_required = bool(stored.burned_in_review_required)
+    if not draft.burned_in_suspected:
+        fresh.burned_in_reviewed_by = stored.burned_in_reviewed_by
+        fresh.burned_in_reviewed_at = stored.burned_in_reviewed_at
+
+
+def _check_gate(row: Case) -> None:
+    if row.burned_in_review_required and row.burned_in_reviewed_by is None:
+        raise PublishBlocked(
+            f"case {row.slug!r} may show burned-in names, dates or IDs: an instructor must confirm the pixels "
+            "were checked before it is published"
+        )
+
+
+def _state(row: Case) -> str:
+    return "published" if row.published else "unpublished"
 
 
 def _text_filter(text: str) -> Any:
