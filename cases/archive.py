@@ -6,7 +6,10 @@ Layout (schema version 1):
     cases/<slug>/image-<i>--mask-<j>.png, question-<k>--region.png, question-<k>--output-<m>.png
 
 Import validates everything (schema version, files present, sizes, duplicate slugs) before one
-all-or-nothing transaction, so a rejected archive writes nothing. Quiz attempts are never exported.
+all-or-nothing transaction, so a rejected archive writes nothing. Reading is held to an `ArchiveBudget`:
+inflated bytes are counted while reading (a lying zip header changes nothing), manifest nesting depth
+is limited, and the decoded size of every referenced image is added up from its header before any
+pixel is decoded, so reference-amplified bundles are refused early. Quiz attempts are never exported.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import zipfile
+from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cases.errors import ArchiveError, CaseStoreError, DuplicateCase, InvalidCaseData
-from cases.imaging import decode_mask, decode_rgb
+from cases.errors import UNTRUSTED_INPUT_ERRORS, ArchiveError, CaseStoreError, DuplicateCase, InvalidCaseData
+from cases.imaging import decode_mask, decode_rgb, open_checked
 from cases.records import (
     CaseDraft,
     CaseRecord,
@@ -33,12 +38,27 @@ from cases.records import (
 SCHEMA_VERSION = 1
 FORMAT_NAME = "medplib-cases"
 MANIFEST = "manifest.json"
-MAX_MEMBER_BYTES = 32 * 1024 * 1024  # per zip member, checked before reading (zip bombs)
+MAX_MEMBER_BYTES = 32 * 1024 * 1024  # per zip member, counted while inflating (never the header's size)
 MAX_ARCHIVE_MEMBERS = 20_000
+READ_CHUNK = 1 << 20
+HEADER_BYTES = 64 * 1024  # image headers (PNG IHDR, JPEG SOF) must lie in a member's first 64 KiB
 CASE_TEXT_FIELDS = (
     "title", "modality", "anatomy", "plane", "difficulty", "vignette", "findings", "discussion",
     "window_preset", "source", "provenance", "licence", "synthetic",
 )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ArchiveBudget:
+    """What one import may cost. Bytes are counted as really inflated; pixels from headers, pre-decode."""
+
+    max_member_bytes: int = MAX_MEMBER_BYTES
+    max_total_bytes: int = 512 * 2**20  # all members together, inflated
+    max_decoded_bytes: int = 512 * 2**20  # decoded pixel arrays of every reference (RGB 3 B, mask 2 B/px)
+    max_references_per_member: int = 2
+    max_manifest_bytes: int = 8 * 2**20
+    max_manifest_depth: int = 16
+    max_cases: int = 2_000
 
 
 def export_archive(store: Any, session: InstructorSession, out: Path, cases: Iterable[int | str] = ()) -> int:
@@ -65,7 +85,8 @@ def _write_case(archive: zipfile.ZipFile, record: CaseRecord, outputs: Mapping[i
         slug=record.summary.slug, title=record.title, modality=record.summary.modality,
         anatomy=record.summary.anatomy, plane=record.summary.plane, difficulty=record.summary.difficulty,
         key_points=list(record.key_points), tags=list(record.summary.tags), published=record.summary.published,
-        images=[], questions=[],
+        burned_in_review_required=record.summary.burned_in_review.required,
+        burned_in_reviewed=record.summary.burned_in_review.reviewed_by is not None, images=[], questions=[],
     )  # fmt: skip
     for i, image in enumerate(record.images):
         archive.writestr(f"{folder}/image-{i}.png", image.png)
@@ -106,21 +127,31 @@ def _question_entry(
     }  # fmt: skip
 
 
-def read_archive(path: Path) -> tuple[CaseDraft, ...]:
-    """Parse and validate an archive into drafts without touching any database."""
+def read_archive(path: Path, budget: ArchiveBudget | None = None) -> tuple[CaseDraft, ...]:
+    """Parse and validate an archive into drafts without touching any database.
+
+    Two passes: the manifest (size, nesting depth, types) and every image header are checked against
+    `budget` before any pixel is decoded; then members are read counting the bytes really inflated.
+    Every failure is an ArchiveError (nothing else escapes, whatever the bytes).
+    """
     path = Path(path)
+    budget = budget or ArchiveBudget()
     if not path.is_file():
         raise ArchiveError(f"{path} does not exist")
     try:
         with zipfile.ZipFile(path) as archive:
-            manifest = _manifest(archive)
-            return tuple(_case_draft(archive, entry) for entry in manifest["cases"])
+            reader = _BudgetReader(archive, budget)
+            manifest = _manifest(reader)
+            reader.plan(manifest["cases"])  # headers only: refuse before decoding past the budget
+            return tuple(_case_draft(reader, entry) for entry in manifest["cases"])
     except zipfile.BadZipFile as error:
-        raise ArchiveError(f"{path} is not a zip archive: {error}") from error
-    except (KeyError, TypeError, ValueError) as error:
-        if isinstance(error, CaseStoreError):
-            raise ArchiveError(f"{path}: {error}") from error
-        raise ArchiveError(f"{path}: malformed manifest ({type(error).__name__}: {error})") from error
+        raise ArchiveError(f"{path} is not a readable zip archive: {error}") from None
+    except ArchiveError as error:
+        raise ArchiveError(f"{path}: {error}") from None
+    except CaseStoreError as error:
+        raise ArchiveError(f"{path}: {error}") from error
+    except UNTRUSTED_INPUT_ERRORS as error:
+        raise ArchiveError(f"{path}: malformed archive ({type(error).__name__}: {error})") from None
 
 
 def import_archive(store: Any, session: InstructorSession, path: Path) -> tuple[str, ...]:
@@ -138,39 +169,135 @@ def import_archive(store: Any, session: InstructorSession, path: Path) -> tuple[
     return tuple(r.summary.slug for r in records)
 
 
-def _manifest(archive: zipfile.ZipFile) -> dict[str, Any]:
-    infos = archive.infolist()
+def _manifest(reader: _BudgetReader) -> dict[str, Any]:
+    infos = reader.archive.infolist()
     if len(infos) > MAX_ARCHIVE_MEMBERS:
         raise ArchiveError(f"archive has {len(infos)} files; the limit is {MAX_ARCHIVE_MEMBERS}")
-    manifest = json.loads(_read(archive, MANIFEST))
+    raw = reader.read(MANIFEST, limit=reader.budget.max_manifest_bytes)
+    check_json_depth(raw, reader.budget.max_manifest_depth)
+    manifest = json.loads(raw)
+    if not isinstance(manifest, dict):
+        raise ArchiveError("manifest.json is not a JSON object")
     version = manifest.get("schema_version")
     if manifest.get("format") != FORMAT_NAME or version != SCHEMA_VERSION:
         raise ArchiveError(
             f"archive format {manifest.get('format')!r} version {version!r} is not supported; this "
             f"program reads {FORMAT_NAME!r} version {SCHEMA_VERSION} (re-export it with a matching version)"
         )
-    if not isinstance(manifest.get("cases"), list):
-        raise ArchiveError("manifest has no 'cases' list")
+    cases = manifest.get("cases")
+    if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
+        raise ArchiveError("manifest has no 'cases' list of objects")
+    if len(cases) > reader.budget.max_cases:
+        raise ArchiveError(f"archive holds {len(cases)} cases; the limit is {reader.budget.max_cases}")
     return manifest
 
 
-def _read(archive: zipfile.ZipFile, name: str) -> bytes:
-    try:
-        info = archive.getinfo(name)
-    except KeyError as error:
-        raise ArchiveError(f"the archive lacks {name!r}, which the manifest names") from error
-    if info.file_size > MAX_MEMBER_BYTES:
-        raise ArchiveError(f"{name} is {info.file_size} bytes; the limit is {MAX_MEMBER_BYTES}")
-    return archive.read(info)
+def check_json_depth(raw: bytes, max_depth: int) -> None:
+    """Refuse JSON nested deeper than `max_depth` (arrays/objects), scanning bytes without recursion."""
+    depth, in_string, escaped = 0, False, False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > max_depth:
+                raise ArchiveError(f"manifest.json is nested deeper than {max_depth} levels")
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
 
 
-def _case_draft(archive: zipfile.ZipFile, entry: Mapping[str, Any]) -> CaseDraft:
+def member_references(cases: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(member name, 'image' | 'mask') for every file the manifest names, once per reference."""
+    refs: list[tuple[str, str]] = []
+    for entry in cases:
+        for image in entry["images"]:
+            refs.append((image["file"], "image"))
+            refs.extend((mask["file"], "mask") for mask in image["masks"])
+        for question in entry["questions"]:
+            if question.get("region_file") is not None:
+                refs.append((question["region_file"], "mask"))
+            refs.extend((o["mask_file"], "mask") for o in question.get("model_outputs", ()) if o["mask_file"])
+    return refs
+
+
+class _BudgetReader:
+    """Reads members counting the bytes actually inflated, and plans the pixel budget from headers."""
+
+    def __init__(self, archive: zipfile.ZipFile, budget: ArchiveBudget) -> None:
+        self.archive = archive
+        self.budget = budget
+        self.inflated = 0
+
+    def read(self, name: str, limit: int | None = None) -> bytes:
+        """A member's bytes; ArchiveError as soon as it (or the bundle) inflates past its limit."""
+        if not isinstance(name, str):
+            raise ArchiveError(f"member names must be strings, got {type(name).__name__}")
+        limit = min(limit or self.budget.max_member_bytes, self.budget.max_member_bytes)
+        try:
+            info = self.archive.getinfo(name)
+        except KeyError:
+            raise ArchiveError(f"the archive lacks {name!r}, which the manifest names") from None
+        chunks, size = [], 0
+        with self.archive.open(info) as stream:  # zipfile checks the CRC at the end
+            while chunk := stream.read(READ_CHUNK):
+                size += len(chunk)
+                self.inflated += len(chunk)
+                if size > limit:
+                    raise ArchiveError(
+                        f"{name} inflates past {limit} bytes (its header says {info.file_size})"
+                    )
+                if self.inflated > self.budget.max_total_bytes:
+                    raise ArchiveError(
+                        f"the archive inflates past {self.budget.max_total_bytes} bytes in all"
+                    )
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    def plan(self, cases: list[dict[str, Any]]) -> None:
+        """Check reference counts and the decoded-pixel total from image headers only."""
+        refs = member_references(cases)
+        counts = Counter(name for name, _kind in refs)
+        name, most = counts.most_common(1)[0] if counts else ("", 0)
+        if most > self.budget.max_references_per_member:
+            raise ArchiveError(
+                f"{name} is referenced {most} times; the limit is {self.budget.max_references_per_member}"
+            )
+        total = 0
+        for name, kind in refs:
+            width, height = self._header_size(name)
+            total += width * height * (3 if kind == "image" else 2)
+            if total > self.budget.max_decoded_bytes:
+                raise ArchiveError(
+                    f"decoding the archive's images needs over {self.budget.max_decoded_bytes // 2**20} MiB; "
+                    "split it into smaller archives"
+                )
+
+    def _header_size(self, name: str) -> tuple[int, int]:
+        head = self._read_head(name)
+        image = open_checked(head, formats=("PNG", "JPEG"))
+        return image.width, image.height
+
+    def _read_head(self, name: str) -> bytes:
+        try:
+            info = self.archive.getinfo(name)
+        except KeyError:
+            raise ArchiveError(f"the archive lacks {name!r}, which the manifest names") from None
+        with self.archive.open(info) as stream:
+            return stream.read(HEADER_BYTES)
+
+
+def _case_draft(archive: _BudgetReader, entry: Mapping[str, Any]) -> CaseDraft:
     images = tuple(
         ImageDraft(
-            pixels=decode_rgb(_read(archive, image["file"])),
-            masks=tuple(
-                MaskDraft(m["label"], decode_mask(_read(archive, m["file"]))) for m in image["masks"]
-            ),
+            pixels=decode_rgb(archive.read(image["file"])),
+            masks=tuple(MaskDraft(m["label"], decode_mask(archive.read(m["file"]))) for m in image["masks"]),
             spacing_mm=None if image["spacing_mm"] is None else tuple(image["spacing_mm"]),
             description=image.get("description", ""),
         )
@@ -182,12 +309,14 @@ def _case_draft(archive: zipfile.ZipFile, entry: Mapping[str, Any]) -> CaseDraft
         tags=tuple(entry["tags"]),
         published=bool(entry["published"]),
         slug=entry["slug"],
+        burned_in_suspected=bool(entry.get("burned_in_review_required", False)),
+        burned_in_reviewed=bool(entry.get("burned_in_reviewed", False)),
         images=images,
         questions=tuple(_question_draft(archive, q) for q in entry["questions"]),
     )
 
 
-def _question_draft(archive: zipfile.ZipFile, entry: Mapping[str, Any]) -> QuestionDraft:
+def _question_draft(archive: _BudgetReader, entry: Mapping[str, Any]) -> QuestionDraft:
     region = entry.get("region_file")
     return QuestionDraft(
         kind=entry["kind"],
@@ -196,14 +325,14 @@ def _question_draft(archive: zipfile.ZipFile, entry: Mapping[str, Any]) -> Quest
         synonyms=tuple(entry["synonyms"]),
         choices=tuple(entry["choices"]),
         target_label=entry["target_label"],
-        region=None if region is None else decode_mask(_read(archive, region)),
+        region=None if region is None else decode_mask(archive.read(region)),
         model_outputs=tuple(
             ModelOutputDraft(
                 model_id=o["model_id"],
                 revision=o["revision"],
                 parameters=dict(o["parameters"]),
                 answer=o["answer"],
-                mask=None if o["mask_file"] is None else decode_mask(_read(archive, o["mask_file"])),
+                mask=None if o["mask_file"] is None else decode_mask(archive.read(o["mask_file"])),
                 created_at=dt.datetime.fromisoformat(o["created_at"]),
             )
             for o in entry.get("model_outputs", ())

@@ -25,7 +25,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from cases.deid_table import BASIC_PROFILE
-from cases.errors import InvalidCaseData
+from cases.errors import UNTRUSTED_INPUT_ERRORS, InvalidCaseData
 from cases.imaging import MAX_UPLOAD_BYTES, decode_rgb, encode_png
 
 ACTIONS: dict[int, str] = {tag: action for tag, _keyword, action in BASIC_PROFILE}
@@ -106,11 +106,13 @@ def deidentify_bytes(data: bytes, uid_map: UidMap | None = None) -> tuple[bytes,
         raise InvalidCaseData(f"DICOM file over {MAX_UPLOAD_BYTES // 2**20} MiB; upload a single slice")
     try:
         ds = dcmread(io.BytesIO(data))  # never force=True: non-DICOM input is refused
-    except (InvalidDicomError, EOFError, ValueError) as error:
-        raise InvalidCaseData(f"not a DICOM file: {error}") from error
-    clean, report = deidentify(ds, uid_map)
-    out = io.BytesIO()
-    clean.save_as(out, enforce_file_format=True)
+        clean, report = deidentify(ds, uid_map)
+        out = io.BytesIO()
+        clean.save_as(out, enforce_file_format=True)
+    except InvalidDicomError as error:
+        raise InvalidCaseData(f"not a DICOM file: {error}") from None
+    except UNTRUSTED_INPUT_ERRORS as error:
+        raise InvalidCaseData(f"this DICOM file cannot be read ({type(error).__name__}: {error})") from None
     return out.getvalue(), report
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
+from PIL import Image as _PILImage
+
 
 class CaseStoreError(Exception):
     """Base class: anything the case library refuses to do."""
@@ -37,3 +42,12 @@ class LoginThrottled(PermissionDenied):
 
 class PublishBlocked(PermissionDenied):
     """A case flagged for burned-in annotation cannot be published before an instructor's review."""
+
+
+# What parsers of untrusted bytes (zip, JSON, PNG/JPEG, DICOM, NIfTI) may raise besides our own errors.
+# Boundaries that read user files (archive import, instructor uploads) turn these into CaseStoreError.
+UNTRUSTED_INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, KeyError, IndexError, AttributeError, LookupError, OSError, EOFError,
+    NotImplementedError, OverflowError, RecursionError, MemoryError, ArithmeticError, struct.error,
+    zlib.error, _PILImage.DecompressionBombError, UnicodeError, AssertionError,
+)  # fmt: skip

@@ -75,7 +75,7 @@ def open_checked(data: bytes, formats: tuple[str, ...] = DECODE_FORMATS) -> PILI
         )
     try:
         image = PILImage.open(io.BytesIO(data), formats=list(formats))
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as error:
         raise InvalidCaseData(f"not a readable {'/'.join(formats)} image: {error}") from error
     check_size(image.height, image.width)
     return image

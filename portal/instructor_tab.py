@@ -30,6 +30,7 @@ from cases import (
     QuestionDraft,
 )
 from cases.deid import deidentify_bytes, strip_image_metadata
+from cases.errors import UNTRUSTED_INPUT_ERRORS
 from cases.imaging import MAX_UPLOAD_BYTES, decode_mask
 from cases.records import DIFFICULTIES
 from portal.library_tab import NO_STORE, temp_file
@@ -59,8 +60,19 @@ class LoadedUpload:
 def read_upload(
     path: str | Path, *, plane: str = "axial", index: int = 0, preset: str | None = None
 ) -> LoadedUpload:
-    """Read an uploaded PNG/JPEG/DICOM/NIfTI file into stored-safe pixels (see module docstring)."""
-    path = Path(path)
+    """Read an uploaded PNG/JPEG/DICOM/NIfTI file into stored-safe pixels (see module docstring).
+
+    Raises only the case library's own errors (InvalidCaseData), whatever the file holds.
+    """
+    try:
+        return _read_upload(Path(path), plane, index, preset)
+    except CaseStoreError:
+        raise
+    except UNTRUSTED_INPUT_ERRORS as error:
+        raise InvalidCaseData(f"this file cannot be read as an image ({type(error).__name__})") from None
+
+
+def _read_upload(path: Path, plane: str, index: int, preset: str | None) -> LoadedUpload:
     data = path.read_bytes()
     if len(data) > MAX_UPLOAD_BYTES:
         raise InvalidCaseData(
@@ -101,8 +113,8 @@ def _read_with_imageio(path: Path, plane: str, index: int, preset: str | None, *
     try:
         image = imageio.read_image(path)
         rgb = imageio.to_rgb(image, index=int(index), plane=plane, preset=preset or None)
-    except ValueError as error:  # ImageReadError is a ValueError
-        raise InvalidCaseData(str(error)) from error
+    except UNTRUSTED_INPUT_ERRORS as error:  # ImageReadError is a ValueError; readers may raise others
+        raise InvalidCaseData(str(error) or type(error).__name__) from None
     spacing = imageio.frame_spacing(image, plane)
     return LoadedUpload(
         rgb, None if spacing is None else tuple(map(float, spacing)), image.modality, needs_review, note
