@@ -24,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from cases.deid_table import BASIC_PROFILE
+from cases.deid_table import BASIC_PROFILE, FILE_META_ACTIONS
 from cases.errors import UNTRUSTED_INPUT_ERRORS, InvalidCaseData
 from cases.imaging import MAX_UPLOAD_BYTES, decode_rgb, encode_png
 
@@ -37,7 +37,8 @@ DUMMY_TEXT = "ANONYMIZED"
 DUMMY_BY_VR = {
     "PN": "ANONYMOUS", "DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000Y",
     "CS": "ANONYMIZED", "SH": DUMMY_TEXT, "LO": DUMMY_TEXT, "ST": DUMMY_TEXT, "LT": DUMMY_TEXT,
-    "UT": DUMMY_TEXT, "AE": "ANONYMOUS", "DS": "0", "IS": "0",
+    "UT": DUMMY_TEXT, "UC": DUMMY_TEXT, "AE": "ANONYMOUS", "DS": "0", "IS": "0", "US": 0, "SS": 0, "UL": 0,
+    "SL": 0, "FL": 0.0, "FD": 0.0, "UV": 0, "SV": 0,
 }  # fmt: skip
 CURVE_GROUPS = range(0x5000, 0x5100)
 OVERLAY_GROUPS = range(0x6000, 0x6100)
@@ -179,13 +180,20 @@ def _apply(
 
 
 def _fix_file_meta(ds: Dataset) -> None:
+    """Zero the preamble; drop meta elements that name stations, addresses or private data (the
+    FILE_META_ACTIONS X rows, PrivateInformation included); point MediaStorageSOPInstanceUID at the new UID."""
     if isinstance(ds, FileDataset):
         ds.preamble = b"\x00" * 128
     meta = getattr(ds, "file_meta", None)
-    if meta is not None and "SOPInstanceUID" in ds:
+    if meta is None:
+        return
+    for tag, _keyword, action in FILE_META_ACTIONS:
+        if action == "X":
+            meta.pop(tag, None)
+    for tag in [elem.tag for elem in meta if elem.tag.is_private]:
+        del meta[tag]
+    if "SOPInstanceUID" in ds:
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    if meta is not None:
-        meta.pop(0x00020016, None)  # SourceApplicationEntityTitle names the sending station
 
 
 def _burned_in_review(ds: Dataset) -> tuple[bool, str | None]:

@@ -15,7 +15,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cases.deid import DEID_METHOD, UidMap, deidentify, deidentify_bytes, resolve_action, strip_image_metadata
-from cases.deid_table import BASIC_PROFILE
+from cases.deid_table import BASIC_PROFILE, FILE_META_ACTIONS
 from cases.errors import InvalidCaseData
 
 BUNDLED = ("CT_small.dcm", "MR_small.dcm", "examples_overlay.dcm", "liver_1frame.dcm", "JPEG2000.dcm")
@@ -37,6 +37,9 @@ def _phi_value(tag: int, vr: str, n: int) -> object:
         "AS": "042Y",
         "UI": f"1.2.826.0.1.3680043.2.1143.{n}",
         "US": 7,
+        "IS": "42",
+        "UN": b"SECRETUN",
+        "UR": f"http://phi.example/{n}",
         "DS": "71.5",
         "CS": f"PHI{n}"[:16],
         "AE": f"STATION{n}"[:16],
@@ -166,3 +169,79 @@ def test_png_text_chunks_and_jpeg_exif_are_stripped() -> None:
 
 def test_random_uids_are_valid() -> None:
     assert len(generate_uid()) <= 64
+
+
+def test_every_table_action_is_applied_to_every_attribute() -> None:
+    """Issue 17: check each Table E.1-1 row's action (X removed, Z empty, D dummy, U new UID), file meta too.
+
+    Bug: ConsultingPhysicianName, InstanceCreationDate, DetectorID, DerivationDescription, TextValue,
+    EvaluatorName and the file-meta PrivateInformation (0002,0102) survived de-identification.
+    """
+    original = _synthetic_full_phi()
+    original.file_meta.PrivateInformationCreatorUID = "1.2.826.0.1.3680043.2.1143.77"
+    original.file_meta.PrivateInformation = b"SECRETMETA"
+    original.file_meta.SourceApplicationEntityTitle = "STATIONX"
+    uids = UidMap()
+    clean, _report = deidentify(original, uids)
+    wrong = []
+    for tag, keyword, action in BASIC_PROFILE:
+        done = resolve_action(action)
+        elem = clean.get(tag)
+        before = original[tag].value
+        if done == "X":
+            ok = elem is None
+        elif done == "Z":
+            ok = (
+                elem is not None
+                and elem.value in (None, "", b"", [])
+                or (elem is not None and elem.VR == "SQ" and len(elem.value) == 0)
+            )
+        elif done == "D":
+            ok = elem is not None and str(elem.value) != str(before)
+        elif done == "U":
+            ok = elem is not None and (elem.VR == "SQ" or elem.value == uids(str(before)) != before)
+        else:
+            ok = True
+        if not ok:
+            wrong.append(f"{keyword}:{action}")
+    assert wrong == []
+    for tag, keyword, action in FILE_META_ACTIONS:
+        if action == "X":
+            assert tag not in clean.file_meta, keyword
+    assert clean.file_meta.MediaStorageSOPInstanceUID == clean.SOPInstanceUID
+    named = {"ConsultingPhysicianName", "InstanceCreationDate", "DetectorID", "DerivationDescription",
+             "TextValue", "EvaluatorName"}  # fmt: skip
+    assert named <= {k for _t, k, _a in BASIC_PROFILE}
+
+
+def test_no_annex_e_value_is_left_after_a_file_round_trip() -> None:
+    """Stored/exported bytes: count Table E.1-1 values still present after deidentify_bytes (target 0)."""
+    original = _synthetic_full_phi()
+    original.file_meta.PrivateInformationCreatorUID = "1.2.826.0.1.3680043.2.1143.77"
+    original.file_meta.PrivateInformation = b"SECRETMETA"
+    for tag in [elem.tag for elem in original if elem.tag.group == 0]:  # command set: not allowed in files
+        del original[tag]
+    buffer = io.BytesIO()
+    original.preamble = b"\0" * 128
+    original.save_as(buffer, enforce_file_format=True)
+    clean_bytes, _ = deidentify_bytes(buffer.getvalue())
+    clean = dcmread(io.BytesIO(clean_bytes))
+    assert annex_e_leftovers(original, clean) == []
+    assert b"SECRETMETA" not in clean_bytes
+
+
+def annex_e_leftovers(original: Dataset, clean: Dataset) -> list[str]:
+    """Keywords of Table E.1-1 / file-meta attributes whose original (non-dummy) value is still present."""
+    left = []
+    for tag, keyword, action in (*BASIC_PROFILE, *FILE_META_ACTIONS):
+        source = original.file_meta if tag >> 16 == 2 else original
+        target = clean.file_meta if tag >> 16 == 2 else clean
+        if tag not in source or tag not in target or resolve_action(action) == "K":
+            continue
+        if (
+            source[tag].VR != "SQ"
+            and source[tag].value not in (None, "")
+            and target[tag].value == source[tag].value
+        ):
+            left.append(keyword)
+    return left
