@@ -48,6 +48,6 @@ class PublishBlocked(PermissionDenied):
 # Boundaries that read user files (archive import, instructor uploads) turn these into CaseStoreError.
 UNTRUSTED_INPUT_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, TypeError, KeyError, IndexError, AttributeError, LookupError, OSError, EOFError,
-    NotImplementedError, OverflowError, RecursionError, MemoryError, ArithmeticError, struct.error,
+    RuntimeError, OverflowError, MemoryError, ArithmeticError, struct.error,
     zlib.error, _PILImage.DecompressionBombError, UnicodeError, AssertionError,
 )  # fmt: skip
