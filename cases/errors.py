@@ -6,6 +6,7 @@ import struct
 import zlib
 
 from PIL import Image as _PILImage
+from pydicom.errors import BytesLengthException as _DicomLengthError
 
 
 class CaseStoreError(Exception):
@@ -49,5 +50,5 @@ class PublishBlocked(PermissionDenied):
 UNTRUSTED_INPUT_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, TypeError, KeyError, IndexError, AttributeError, LookupError, OSError, EOFError,
     RuntimeError, OverflowError, MemoryError, ArithmeticError, struct.error,
-    zlib.error, _PILImage.DecompressionBombError, UnicodeError, AssertionError,
+    zlib.error, _PILImage.DecompressionBombError, _DicomLengthError, UnicodeError, AssertionError,
 )  # fmt: skip
