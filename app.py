@@ -1,6 +1,7 @@
 """Start the MedPLIB Portal: `python app.py [--model M] [--host 127.0.0.1] [--port 7860] [--db URL] [--device D]`.
 
-The only place that reads the command line and the environment (DATABASE_URL, PORTAL_EXAMPLES).
+The only place that reads the command line and the environment (DATABASE_URL, PORTAL_EXAMPLES, SPACE_ID,
+MEDPLIB_INSTRUCTORS_HF: comma-separated Hugging Face usernames allowed to sign in as instructors on a Space).
 """
 
 from __future__ import annotations
@@ -63,13 +64,16 @@ def main(argv: list[str] | None = None) -> None:
     engine = load_engine(args.model, device=args.device, dtype=args.dtype)
     store = None if args.no_db else open_store(args.db or os.environ.get("DATABASE_URL"))
     examples = Path(os.environ.get("PORTAL_EXAMPLES", EXAMPLES_DIR))
+    on_space = bool(os.environ.get("SPACE_ID"))
+    allowlist = tuple(n.strip() for n in os.environ.get("MEDPLIB_INSTRUCTORS_HF", "").split(",") if n.strip())
     settings = PortalSettings(
-        examples_dir=examples if examples.is_dir() else None, blocked_paths=blocked_paths(store)
+        examples_dir=examples if examples.is_dir() else None, blocked_paths=blocked_paths(store),
+        hf_oauth=on_space and bool(allowlist), instructor_allowlist=allowlist, cookie_secure=on_space,
     )
     demo = build_app(PortalContext(engine=engine, store=store, settings=settings))
     if args.share:
         logger.warning("--share publishes the portal on a public URL; uploads may contain patient data")
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs(settings))
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs(settings, store))
 
 
 if __name__ == "__main__":

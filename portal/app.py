@@ -18,6 +18,7 @@ import gradio as gr
 from portal import texts
 from portal.ask_tab import AskTabInputs, build_ask_tab
 from portal.context import PortalContext, PortalSettings
+from portal.instructor_auth import instructor_routes
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +95,17 @@ def wire_handoff(handoff: gr.State, ask_inputs: AskTabInputs, tabs: gr.Tabs) -> 
     )
 
 
-def launch_kwargs(settings: PortalSettings) -> dict[str, Any]:
-    """Serving limits for demo.launch: upload size cap, blocked paths, the portal's CSS."""
+def launch_kwargs(settings: PortalSettings, store: Any | None = None) -> dict[str, Any]:
+    """Serving limits for demo.launch: upload size cap, blocked paths, the portal's CSS, no /monitoring,
+    and (with a case store) the instructor login/logout routes that set the session cookie."""
+    routes = []
+    if store is not None:
+        routes = instructor_routes(
+            store, cookie_secure=settings.cookie_secure, same_site="none" if settings.cookie_secure else "strict"
+        )
     return {
+        "app_kwargs": {"routes": routes},
+        "enable_monitoring": False,  # /monitoring was open to anyone and printed its URL to the log
         "max_file_size": settings.max_file_size,
         "blocked_paths": list(settings.blocked_paths) or None,
         "css_paths": [CSS_PATH],

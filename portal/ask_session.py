@@ -19,6 +19,7 @@ from engine.imageio import LoadedImage
 from engine.results import Answer, GenerationSettings
 from portal import overlay, texts
 from portal.regions import Mark, RegionMarks
+from portal.safe_text import plain
 
 
 class UserInputError(ValueError):
@@ -77,7 +78,7 @@ def describe(session: AskSession) -> str:
     image, rgb = session.image, session.rgb
     if image is None or rgb is None:
         return texts.ERR_NO_IMAGE
-    parts = [image.kind.upper() if image.kind != "photo" else "Image", image.modality or ""]
+    parts = [image.kind.upper() if image.kind != "photo" else "Image", plain(image.modality or "")]
     parts.append(f"{rgb.shape[1]}×{rgb.shape[0]} px")
     spacing = imageio.frame_spacing(image, session.plane)
     if spacing:

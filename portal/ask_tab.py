@@ -23,6 +23,7 @@ from portal.ask_session import AskSession, UserInputError
 from portal.context import PortalContext
 from portal.regions import RegionMarks
 from portal.routing_plot import routing_figure
+from portal.safe_text import plain
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +217,8 @@ class AskHandlers:
 
 
 def _shown(text: str) -> str:
-    """Make region tags visible in the chat (the chatbot would treat them as HTML)."""
-    return text.replace(texts.REGION_TOKEN, "`<region>`")
+    """User and model text shown literally; region tags as code (the chatbot renders Markdown/HTML)."""
+    return plain(text).replace(plain(texts.REGION_TOKEN), "`<region>`")
 
 
 def _user_message(question: str) -> dict[str, str]:

@@ -22,6 +22,9 @@ class PortalSettings:
     max_new_tokens: int = texts.MAX_NEW_TOKENS
     examples_dir: Path | None = None  # assets/medimages (with index.json), or None for no examples
     blocked_paths: tuple[str, ...] = ()  # e.g. the SQLite database folder
+    hf_oauth: bool = False  # running as a Hugging Face Space: offer "Sign in with Hugging Face"
+    instructor_allowlist: tuple[str, ...] = ()  # Hugging Face usernames that are instructors
+    cookie_secure: bool = False  # HTTPS only (Spaces): the login cookie gets Secure and SameSite=None
 
     def __post_init__(self) -> None:
         if min(self.queue_max_size, self.model_concurrency_limit, self.ui_concurrency_limit) < 1:

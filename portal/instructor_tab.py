@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,12 @@ from cases.deid import deidentify_bytes, strip_image_metadata
 from cases.errors import UNTRUSTED_INPUT_ERRORS
 from cases.imaging import MAX_UPLOAD_BYTES, decode_mask
 from cases.records import DIFFICULTIES
+from cases.store import MAX_USERNAME_CHARS
+from portal import texts
+from portal.instructor_auth import LOGIN_JS, LOGOUT_JS, InstructorGate
 from portal.library_tab import NO_STORE, temp_file
 from portal.quiz_tab import BRUSH_COLOR, drawn_mask
+from portal.safe_text import html_text, plain
 
 PLANES = ("axial", "coronal", "sagittal")
 LOGGED_OUT = "Not logged in. Instructor accounts are created with `python -m cases add-instructor NAME`."
@@ -86,7 +90,7 @@ def _read_upload(path: Path, plane: str, index: int, preset: str | None) -> Load
         )
     stripped = strip_image_metadata(data)
     dropped = (
-        f" Dropped metadata: {', '.join(stripped.dropped_metadata)}." if stripped.dropped_metadata else ""
+        f" Dropped metadata: {plain(', '.join(stripped.dropped_metadata))}." if stripped.dropped_metadata else ""
     )
     return LoadedUpload(stripped.rgb, None, None, False, f"Photo re-encoded without metadata.{dropped}")
 
@@ -196,20 +200,43 @@ class InstructorHandlers:
     def __init__(self, store: CaseStore) -> None:
         self.store = store
 
-    def login(self, username: str, password: str) -> tuple[InstructorSession, str, Any, Any]:
-        session = self._call(self.store.login, username.strip(), password)
-        return session, f"Logged in as **{session.username}**.", gr.update(value=""), self.case_menu(session)
+    def login(self, username: str, password: str, client: str = "local") -> tuple[InstructorSession, str, Any, Any]:
+        """Programmatic login (tests, scripts); the web UI logs in through portal.instructor_auth."""
+        session = self._call(self.store.login, username.strip(), password, client)
+        return session, *self.after_login(session, username, "")
 
-    def logout(self, session: InstructorSession | None) -> tuple[None, str, Any]:
+    def after_login(self, session: InstructorSession | None, _username: str, message: str) -> tuple[str, Any, Any]:
+        """Status after the browser posted the password: (status, cleared password, case menu)."""
+        if session is None:
+            return plain(message) if message else LOGGED_OUT, gr.update(value=""), self.case_menu(None)
+        return f"Logged in as **{plain(session.username)}**.", gr.update(value=""), self.case_menu(session)
+
+    def logout(self, session: InstructorSession | None) -> tuple[str, Any]:
         if session is not None:
             self.store.logout(session)
-        return None, LOGGED_OUT, gr.update(choices=[], value=None)
+        return LOGGED_OUT, gr.update(choices=[], value=None)
+
+    def confirm_review(self, session: InstructorSession | None, case_id: int | None) -> tuple:
+        """Record that this instructor checked the picked case's pixels for burned-in text."""
+        if case_id is None:
+            raise gr.Error("Pick a case first.")
+        summary = self._call(self.store.confirm_burned_in_review, session, int(case_id))
+        return f"Burned-in review of case #{summary.id} recorded.", self.case_menu(session)
+
+    def export_audit(self, session: InstructorSession | None) -> str:
+        """The audit log (who did what to which case, when) as a CSV file."""
+        text = self._call(self.store.audit_csv, session)
+        path = temp_file(EXPORT_DIR, f"audit_log_{secrets.token_hex(4)}.csv")
+        path.write_text(text, encoding="utf-8")
+        return str(path)
 
     def case_menu(self, session: InstructorSession | None) -> Any:
         if not self.store.is_instructor(session):
             return gr.update(choices=[], value=None)
         cases = self.store.list_cases(include_unpublished=True)
-        choices = [(f"#{c.id} {c.title}{'' if c.published else ' [unpublished]'}", c.id) for c in cases]
+        choices = [(f"#{c.id} {c.title}{'' if c.published else ' [unpublished]'}"
+                    f"{' [burned-in review due]' if c.burned_in_review.blocks_publishing else ''}", c.id)
+                   for c in cases]  # fmt: skip
         return gr.update(choices=choices, value=None)
 
     def read(self, file: str | None, plane: str, index: float, preset: str) -> tuple[LoadedUpload, Any, str]:
@@ -229,6 +256,7 @@ class InstructorHandlers:
             )
         mask = self._reference_mask(editor, mask_file, upload.rgb.shape[:2])
         draft = self._call(build_draft, CaseForm(*fields), upload, mask, published=publish)
+        draft = replace(draft, burned_in_suspected=upload.needs_review, burned_in_reviewed=bool(reviewed))
         if case_id is None:
             record = self._call(self.store.create_case, session, draft)
             return f"Created case #{record.id} ({record.summary.slug}).", self.case_menu(session)
@@ -293,7 +321,7 @@ class InstructorHandlers:
         try:
             return fn(*args, **kwargs)
         except (CaseStoreError, OSError) as error:
-            raise gr.Error(str(error)) from error
+            raise gr.Error(html_text(str(error))) from error
 
 
 def _form_fields() -> list[Any]:
@@ -329,16 +357,21 @@ def _form_fields() -> list[Any]:
 
 
 def build_instructor_tab(ctx: Any) -> None:
-    """Instructor UI inside the current gr.Tab."""
+    """Instructor UI inside the current gr.Tab; every action's session comes from the login cookie."""
     if ctx.store is None:
         gr.Markdown(NO_STORE)
         return
     h = InstructorHandlers(ctx.store)
-    session, upload, editing = gr.State(None), gr.State(None), gr.State(None)
+    settings = ctx.settings
+    gate = InstructorGate(ctx.store, hf_oauth=settings.hf_oauth, hf_allowlist=settings.instructor_allowlist)
+    upload, editing = gr.State(None), gr.State(None)
     with gr.Row():
-        username = gr.Textbox(label="Instructor", elem_id="instructor-user")
+        username = gr.Textbox(label="Instructor", elem_id="instructor-user", max_length=MAX_USERNAME_CHARS)
         password = gr.Textbox(label="Password", type="password", elem_id="instructor-password")
         login, logout = gr.Button("Log in", variant="primary"), gr.Button("Log out")
+    if settings.hf_oauth:
+        gr.Markdown(texts.HF_SIGN_IN_NOTE)
+        gr.LoginButton()
     status = gr.Markdown(LOGGED_OUT)
     with gr.Accordion("Library cases", open=True):
         menu = gr.Dropdown([], label="Case (unpublished included)")
@@ -348,8 +381,11 @@ def build_instructor_tab(ctx: Any) -> None:
                 gr.Button("Publish"),
                 gr.Button("Unpublish"),
             )
+            review_btn = gr.Button("Confirm burned-in review")
             delete, export = gr.Button("Delete", variant="stop"), gr.Button("Export quiz results (CSV)")
+            audit = gr.Button("Export audit log (CSV)")
         csv_file = gr.File(label="Quiz results", interactive=False)
+        audit_file = gr.File(label="Audit log", interactive=False)
     with gr.Accordion("New case / edit", open=True):
         with gr.Row():
             file = gr.File(
@@ -376,14 +412,17 @@ def build_instructor_tab(ctx: Any) -> None:
                 gr.Button("Save as new case", variant="primary"),
                 gr.Button("Save changes to the edited case"),
             )
-    login.click(h.login, [username, password], [session, status, password, menu])
-    logout.click(h.logout, session, [session, status, menu])
+    bind = gate.bind
+    login.click(bind(h.after_login, 2), [username, password], [status, password, menu], js=LOGIN_JS)
+    logout.click(bind(h.logout, 0), None, [status, menu], js=LOGOUT_JS)
     read.click(h.read, [file, plane_in, index, preset], [upload, editor, note])
     common = [upload, editor, mask_file, publish, reviewed, *fields]
-    save_new.click(lambda s, *a: h.save(s, None, *a), [session, *common], [status, menu])
-    save_edit.click(h.save_changes, [session, editing, *common], [status, menu])
-    load.click(h.load, [session, menu], [upload, editor, note, editing, *fields])
-    publish_btn.click(lambda s, c: h.set_published(s, c, True), [session, menu], [status, menu])
-    unpublish_btn.click(lambda s, c: h.set_published(s, c, False), [session, menu], [status, menu])
-    delete.click(h.delete, [session, menu], [status, menu])
-    export.click(h.export_csv, session, csv_file)
+    save_new.click(bind(lambda s, *a: h.save(s, None, *a), len(common)), common, [status, menu])
+    save_edit.click(bind(h.save_changes, len(common) + 1), [editing, *common], [status, menu])
+    load.click(bind(h.load, 1), [menu], [upload, editor, note, editing, *fields])
+    publish_btn.click(bind(lambda s, c: h.set_published(s, c, True), 1), [menu], [status, menu])
+    unpublish_btn.click(bind(lambda s, c: h.set_published(s, c, False), 1), [menu], [status, menu])
+    review_btn.click(bind(h.confirm_review, 1), [menu], [status, menu])
+    delete.click(bind(h.delete, 1), [menu], [status, menu])
+    export.click(bind(h.export_csv, 0), None, csv_file)
+    audit.click(bind(h.export_audit, 0), None, audit_file)

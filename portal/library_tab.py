@@ -19,6 +19,7 @@ import numpy as np
 from cases import CaseNotFound, CaseRecord, CaseStore
 from portal import texts
 from portal.overlay import overlay_mask
+from portal.safe_text import formatted, plain
 
 ALL = "All"
 NO_STORE = "The case library is not configured (start the portal with a case database)."
@@ -91,21 +92,26 @@ def case_view(case: CaseRecord, labels: list[str], window: str = "as stored") ->
 
 
 def case_markdown(case: CaseRecord, *, reveal: bool = True) -> str:
-    """Teaching text of a case; reveal=False gives the 'unknown case' header only (quiz)."""
+    """Teaching text of a case; reveal=False gives the 'unknown case' header only (quiz).
+
+    Every field is escaped (`portal.safe_text`); the teaching text keeps bold, italics and lists only.
+    """
     s = case.summary
-    meta = f"**{s.modality}** · {s.anatomy} · {s.plane} plane · level: {s.difficulty}"
+    meta = f"**{plain(s.modality)}** · {plain(s.anatomy)} · {plain(s.plane)} plane · level: {plain(s.difficulty)}"
     if case.synthetic:
         meta += " · **simulated**"
     if not reveal:
-        return f"### Unknown case #{s.id}\n{meta}\n\n{case.vignette}"
+        return f"### Unknown case #{s.id}\n{meta}\n\n{formatted(case.vignette)}"
     spacing = case.images[0].spacing_mm
+    window = f" · *window:* {plain(case.window_preset)}" if case.window_preset else ""
+    provenance = "<br>".join(plain(line) for line in case.provenance.splitlines())
     lines = [
-        f"## {s.title}", meta, f"**Clinical vignette.** {case.vignette}", f"**Findings.** {case.findings}",
-        f"**Discussion.** {case.discussion}", "**Key learning points**",
-        *[f"- {p}" for p in case.key_points],
-        f"*Tags:* {', '.join(s.tags)}" + (f" · *window:* {case.window_preset}" if case.window_preset else ""),
+        f"## {plain(s.title)}", meta, f"**Clinical vignette.** {formatted(case.vignette)}",
+        f"**Findings.** {formatted(case.findings)}", f"**Discussion.** {formatted(case.discussion)}",
+        "**Key learning points**", *[f"- {formatted(p)}" for p in case.key_points],
+        f"*Tags:* {plain(', '.join(s.tags))}" + window,
         f"*Pixel spacing:* {spacing[0]:.3g} × {spacing[1]:.3g} mm" if spacing else "*Pixel spacing:* unknown",
-        f"<small>Source: {case.source} · Licence: {case.licence}<br>{case.provenance.replace(chr(10), '<br>')}</small>",
+        f"*Source:* {plain(case.source)} · *Licence:* {plain(case.licence)}<br>{provenance}",
     ]  # fmt: skip
     return "\n\n".join(lines)
 

@@ -28,6 +28,7 @@ from portal import texts
 from portal.library_tab import NO_STORE, case_markdown
 from portal.model_answers import cached_answer, live_answer
 from portal.overlay import overlay_mask
+from portal.safe_text import plain
 
 logger = logging.getLogger(__name__)
 
@@ -220,13 +221,13 @@ class QuizHandlers:
         verdict = {True: "✅ matches the reference", False: "❌ does not match the reference",
                    None: "compare your answer with the reference"}[attempt.correct]  # fmt: skip
         if question.kind != "segmentation":
-            lines.append(f"**Your answer:** {attempt.answer} — {verdict}")
-        lines.append(f"**Reference answer:** {question.reference_answer}")
+            lines.append(f"**Your answer:** {plain(attempt.answer)} — {verdict}")
+        lines.append(f"**Reference answer:** {plain(question.reference_answer)}")
         if question.synonyms:
-            lines.append(f"*Also accepted:* {', '.join(question.synonyms)}")
+            lines.append(f"*Also accepted:* {plain(', '.join(question.synonyms))}")
         output = cached_answer(self.store, question.id)
         if output is not None:
-            lines.append(f"**Model answer** ({output.model_id}): {_answer_text(output)}")
+            lines.append(f"**Model answer** ({plain(output.model_id)}): {plain(_answer_text(output))}")
         else:
             lines.append(model_note or (MODEL_PENDING if self.engine is not None else NO_MODEL_OUTPUT))
         return "\n\n".join(lines)
@@ -236,7 +237,7 @@ class QuizHandlers:
         editor = {"background": rgb, "layers": [], "composite": rgb}
         seg = question.kind == "segmentation"
         return (
-            f"**Question ({question.kind}).** {question.prompt}",
+            f"**Question ({question.kind}).** {plain(question.prompt)}",
             gr.update(choices=list(question.choices), value=None, visible=question.kind == "closed"),
             gr.update(value="", visible=question.kind == "open"),
             gr.update(value=editor, label="Draw the structure (brush)" if seg else "Case image"),

@@ -116,3 +116,9 @@ NOTE_TOOL_NONE = "Region tool None: questions are sent without a region."
 NOTE_MARK_KEPT = " The {kind} at {where} is kept: choose Point or Box to send it again."
 NOTE_PICK_TOOL = "Choose the Point or Box tool to mark a region (now: {tool})."
 NOTE_FIRST_CORNER = "First corner set at ({x}, {y}); click the opposite corner."
+
+# --- instructor sign-in (portal/instructor_auth.py) -------------------------------------------------
+LOGIN_WRONG = "Wrong instructor username or password."
+LOGIN_THROTTLED = "Too many failed logins: try again in {seconds} s."
+LOGIN_BAD_REQUEST = "Send the username and password as JSON."
+HF_SIGN_IN_NOTE = "Or sign in with your Hugging Face account (instructors on this Space's allow-list)."

@@ -12,6 +12,7 @@ from PIL import Image, PngImagePlugin
 
 from cases import CaseStore
 from cases.samples import sample_draft
+from portal.context import PortalSettings
 from portal.instructor_tab import CaseForm, InstructorHandlers, build_instructor_tab, read_upload
 from portal.library_tab import LibraryHandlers, ask_handoff, build_library_tab, case_choices
 from portal.quiz_tab import QuizHandlers, QuizState, build_quiz_tab, drawn_mask, progress_figure
@@ -21,7 +22,7 @@ PASSWORD = "a long enough password"
 
 class Ctx:
     def __init__(self, store: CaseStore | None) -> None:
-        self.store, self.engine, self.settings = store, None, None
+        self.store, self.engine, self.settings = store, None, PortalSettings()
 
 
 @pytest.fixture

@@ -1,0 +1,121 @@
+"""Instructor sessions ride on an HttpOnly cookie, never on Gradio's session_hash (issue 17).
+
+Bug: instructor rights were kept in gr.State, i.e. keyed by the client-chosen session_hash; a second
+client reusing that hash could export quiz results or unpublish cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from cases import CaseStore
+from cases.samples import sample_draft
+from portal.app import launch_kwargs
+from portal.context import PortalSettings
+from portal.instructor_auth import COOKIE_NAME, LOGIN_PATH, LOGOUT_PATH, InstructorGate
+from portal.instructor_tab import build_instructor_tab
+from portal.safe_text import formatted, plain
+
+PASSWORD = "correct horse battery"
+PORT = 7872
+
+
+class Ctx:
+    def __init__(self, store: CaseStore, settings: PortalSettings) -> None:
+        self.store, self.engine, self.settings = store, None, settings
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, CaseStore]]:
+    store = CaseStore(str(tmp_path_factory.mktemp("auth") / "auth.sqlite"), seed_starter=False)
+    op = store.operator_session()
+    store.create_instructor(op, "teacher", PASSWORD)
+    store.create_case(op, sample_draft("Published one"))
+    settings = PortalSettings()
+    with gr.Blocks() as demo:
+        build_instructor_tab(Ctx(store, settings))
+    demo.queue()
+    demo.launch(server_name="127.0.0.1", server_port=PORT, prevent_thread_lock=True, quiet=True,
+                **launch_kwargs(settings, store))  # fmt: skip
+    yield f"http://127.0.0.1:{PORT}", store
+    demo.close()
+    store.close()
+
+
+def _login(url: str, password: str = PASSWORD, client: httpx.Client | None = None) -> httpx.Response:
+    http = client or httpx.Client()
+    return http.post(url + LOGIN_PATH, json={"username": "teacher", "password": password})
+
+
+def test_login_sets_an_httponly_samesite_cookie(served: tuple[str, CaseStore]) -> None:
+    url, store = served
+    assert _login(url, "wrong password!").status_code == 401
+    reply = _login(url)
+    assert reply.status_code == 200
+    cookie = reply.headers["set-cookie"]
+    assert cookie.startswith(f"{COOKIE_NAME}=") and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    token = reply.cookies[COOKIE_NAME]
+    assert store.session_for_token(token) is not None
+    with httpx.Client(cookies={COOKIE_NAME: token}) as http:
+        assert http.post(url + LOGOUT_PATH).status_code == 200
+    assert store.session_for_token(token) is None
+
+
+def test_reusing_the_instructors_session_hash_gives_no_rights(served: tuple[str, CaseStore]) -> None:
+    url, _store = served
+    token = _login(url).cookies[COOKIE_NAME]
+    teacher = Client(url, headers={"Cookie": f"{COOKIE_NAME}={token}"}, verbose=False)
+    exported = teacher.predict(api_name="/export_csv")
+    assert Path(exported).read_text().startswith("attempt_id,")
+    intruder = Client(url, verbose=False)
+    intruder.session_hash = teacher.session_hash  # the value seen in /queue/data?session_hash=...
+    with pytest.raises(AppError, match="instructor action"):
+        intruder.predict(api_name="/export_csv")
+
+
+def test_gate_ignores_everything_but_the_cookie(served: tuple[str, CaseStore]) -> None:
+    _url, store = served
+    gate = InstructorGate(store)
+
+    class Req:
+        cookies: dict[str, str] = {}
+        session_hash = "stolen"
+
+    assert gate.session(Req()) is None
+    Req.cookies = {COOKIE_NAME: "guessed-token"}
+    assert gate.session(Req()) is None
+
+
+def test_hf_allowlist_gives_a_session_only_to_listed_users(served: tuple[str, CaseStore]) -> None:
+    _url, store = served
+    gate = InstructorGate(store, hf_oauth=True, hf_allowlist=("Dr-Lee",))
+
+    class Profile:
+        def __init__(self, username: str) -> None:
+            self.username = username
+
+    class Req:
+        cookies: dict[str, str] = {}
+
+    assert gate.session(Req(), Profile("someone-else")) is None
+    assert gate.session(Req(), None) is None
+    session = gate.session(Req(), Profile("dr-lee"))
+    assert session is not None and session.username == "huggingface:dr-lee"
+    assert gate.session(Req(), Profile("dr-lee")) == session  # reused, not one per request
+
+
+def test_case_text_keeps_only_bold_italics_and_lists() -> None:
+    """Bug: case text, DICOM tags and file names reached the page as HTML (img beacons, forms)."""
+    planted = "<img src=http://127.0.0.1:7879/x> ![b](http://127.0.0.1:7879/y) [l](http://e) <form><input type=password>"
+    for render in (plain, formatted):
+        out = render(planted)
+        assert "<" not in out and "](" not in out and "![" not in out
+    assert formatted("**key** *point*\n- one\n1. two") == "**key** *point*\n- one\n1. two"
+    assert plain("**key**") == "\\*\\*key\\*\\*"
