@@ -230,3 +230,18 @@ def strip_image_metadata(data: bytes) -> StrippedImage:
         dropped = tuple(sorted(str(k) for k in image.info))
     rgb = decode_rgb(data)
     return StrippedImage(rgb=rgb, png=encode_png(rgb), dropped_metadata=dropped)
+
+
+def annex_e_leftovers(original: Dataset, clean: Dataset) -> list[str]:
+    """Keywords of Table E.1-1 / file-meta attributes whose original value is still in `clean` (want [])."""
+    left = []
+    for tag, keyword, action in (*BASIC_PROFILE, *FILE_META_ACTIONS):
+        meta = tag >> 16 == 2
+        source = getattr(original, "file_meta", Dataset()) if meta else original
+        target = getattr(clean, "file_meta", Dataset()) if meta else clean
+        if tag not in source or tag not in target or resolve_action(action) == "K":
+            continue
+        before = source[tag]
+        if before.VR != "SQ" and before.value not in (None, "", b"") and target[tag].value == before.value:
+            left.append(keyword)
+    return left

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
 
+from cases.deid_table import BASIC_PROFILE
 from cases.records import CaseDraft, ImageDraft, MaskDraft, QuestionDraft
+
+PHI = "DOE^JANE"
 
 
 def disc_mask(height: int, width: int, centre: tuple[int, int], radius: int) -> np.ndarray:
@@ -50,3 +57,48 @@ def sample_draft(
             QuestionDraft("open", "Describe the lesion.", "round bright lesion", synonyms=("bright disc",)),
         ),
     )
+
+
+def _phi_value(tag: int, vr: str, n: int) -> object:
+    """A recognisable fake value for a VR (n makes each one unique)."""
+    return {
+        "DA": f"1980{(n % 12) + 1:02d}15",
+        "TM": f"12{n % 60:02d}00",
+        "DT": "19800115120000",
+        "AS": "042Y",
+        "UI": f"1.2.826.0.1.3680043.2.1143.{n}",
+        "US": 7,
+        "IS": "42",
+        "UN": b"SECRETUN",
+        "UR": f"http://phi.example/{n}",
+        "DS": "71.5",
+        "CS": f"PHI{n}"[:16],
+        "AE": f"STATION{n}"[:16],
+        "SH": f"PHI-{n}"[:16],
+        "OB": b"SECRETSIG",
+        "PN": f"{PHI}{n}",
+    }.get(vr, f"PHI {n} {keyword_for_tag(tag)}"[:64])
+
+
+def full_phi_dataset() -> Dataset:
+    """A dataset with every Table E.1-1 attribute filled, private tags, a curve and an overlay."""
+    ds = Dataset()
+    for n, (tag, _keyword, _action) in enumerate(BASIC_PROFILE):
+        vr = dictionary_VR(tag)
+        if vr == "SQ":
+            item = Dataset()
+            item.PersonName = f"{PHI}SEQ{n}"
+            item.ReferencedSOPInstanceUID = f"1.2.826.0.1.3680043.2.1143.9{n}"
+            ds.add_new(tag, vr, Sequence([item]))
+        else:
+            ds.add_new(tag, vr, _phi_value(tag, vr, n))
+    ds.add_new(0x00091010, "LO", "private secret")
+    ds.add_new(0x50000010, "US", 1)
+    ds.add_new(0x60003000, "OB", b"\x01" * 8)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.BurnedInAnnotation = "NO"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    return ds

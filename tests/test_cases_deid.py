@@ -10,67 +10,29 @@ from PIL import Image, PngImagePlugin
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
-from cases.deid import DEID_METHOD, UidMap, deidentify, deidentify_bytes, resolve_action, strip_image_metadata
+from cases.deid import (
+    DEID_METHOD,
+    UidMap,
+    annex_e_leftovers,
+    deidentify,
+    deidentify_bytes,
+    resolve_action,
+    strip_image_metadata,
+)
 from cases.deid_table import BASIC_PROFILE, FILE_META_ACTIONS
 from cases.errors import InvalidCaseData
+from cases.samples import PHI, full_phi_dataset
 
 BUNDLED = ("CT_small.dcm", "MR_small.dcm", "examples_overlay.dcm", "liver_1frame.dcm", "JPEG2000.dcm")
-PHI = "DOE^JANE"
 
 
 def _all_values(ds: Dataset) -> list[str]:
     values: list[str] = []
     ds.walk(lambda _d, elem: values.append(str(elem.value)) if elem.VR not in ("SQ", "OB", "OW") else None)
     return values
-
-
-def _phi_value(tag: int, vr: str, n: int) -> object:
-    """A recognisable fake value for a VR (n makes each one unique)."""
-    return {
-        "DA": f"1980{(n % 12) + 1:02d}15",
-        "TM": f"12{n % 60:02d}00",
-        "DT": "19800115120000",
-        "AS": "042Y",
-        "UI": f"1.2.826.0.1.3680043.2.1143.{n}",
-        "US": 7,
-        "IS": "42",
-        "UN": b"SECRETUN",
-        "UR": f"http://phi.example/{n}",
-        "DS": "71.5",
-        "CS": f"PHI{n}"[:16],
-        "AE": f"STATION{n}"[:16],
-        "SH": f"PHI-{n}"[:16],
-        "OB": b"SECRETSIG",
-        "PN": f"{PHI}{n}",
-    }.get(vr, f"PHI {n} {keyword_for_tag(tag)}"[:64])
-
-
-def _synthetic_full_phi() -> Dataset:
-    """A dataset with every Table E.1-1 attribute filled, private tags, a curve and an overlay."""
-    ds = Dataset()
-    for n, (tag, _keyword, _action) in enumerate(BASIC_PROFILE):
-        vr = dictionary_VR(tag)
-        if vr == "SQ":
-            item = Dataset()
-            item.PersonName = f"{PHI}SEQ{n}"
-            item.ReferencedSOPInstanceUID = f"1.2.826.0.1.3680043.2.1143.9{n}"
-            ds.add_new(tag, vr, Sequence([item]))
-        else:
-            ds.add_new(tag, vr, _phi_value(tag, vr, n))
-    ds.add_new(0x00091010, "LO", "private secret")
-    ds.add_new(0x50000010, "US", 1)
-    ds.add_new(0x60003000, "OB", b"\x01" * 8)
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.BurnedInAnnotation = "NO"
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    return ds
 
 
 def test_table_keywords_match_the_dicom_dictionary() -> None:
@@ -81,7 +43,7 @@ def test_table_keywords_match_the_dicom_dictionary() -> None:
 
 
 def test_every_annex_e_value_is_gone_after_deidentification() -> None:
-    original = _synthetic_full_phi()
+    original = full_phi_dataset()
     uids = UidMap()
     clean, report = deidentify(original, uids)
     leftover = [v for v in _all_values(clean) if "PHI" in v or PHI in v or "STATION" in v or "SECRET" in v]
@@ -98,7 +60,7 @@ def test_every_annex_e_value_is_gone_after_deidentification() -> None:
 
 
 def test_uid_remap_is_consistent_across_files_of_one_study() -> None:
-    a, b = _synthetic_full_phi(), _synthetic_full_phi()
+    a, b = full_phi_dataset(), full_phi_dataset()
     uids = UidMap()
     clean_a, _ = deidentify(a, uids)
     clean_b, _ = deidentify(b, uids)
@@ -177,7 +139,7 @@ def test_every_table_action_is_applied_to_every_attribute() -> None:
     Bug: ConsultingPhysicianName, InstanceCreationDate, DetectorID, DerivationDescription, TextValue,
     EvaluatorName and the file-meta PrivateInformation (0002,0102) survived de-identification.
     """
-    original = _synthetic_full_phi()
+    original = full_phi_dataset()
     original.file_meta.PrivateInformationCreatorUID = "1.2.826.0.1.3680043.2.1143.77"
     original.file_meta.PrivateInformation = b"SECRETMETA"
     original.file_meta.SourceApplicationEntityTitle = "STATIONX"
@@ -216,7 +178,7 @@ def test_every_table_action_is_applied_to_every_attribute() -> None:
 
 def test_no_annex_e_value_is_left_after_a_file_round_trip() -> None:
     """Stored/exported bytes: count Table E.1-1 values still present after deidentify_bytes (target 0)."""
-    original = _synthetic_full_phi()
+    original = full_phi_dataset()
     original.file_meta.PrivateInformationCreatorUID = "1.2.826.0.1.3680043.2.1143.77"
     original.file_meta.PrivateInformation = b"SECRETMETA"
     for tag in [elem.tag for elem in original if elem.tag.group == 0]:  # command set: not allowed in files
@@ -228,20 +190,3 @@ def test_no_annex_e_value_is_left_after_a_file_round_trip() -> None:
     clean = dcmread(io.BytesIO(clean_bytes))
     assert annex_e_leftovers(original, clean) == []
     assert b"SECRETMETA" not in clean_bytes
-
-
-def annex_e_leftovers(original: Dataset, clean: Dataset) -> list[str]:
-    """Keywords of Table E.1-1 / file-meta attributes whose original (non-dummy) value is still present."""
-    left = []
-    for tag, keyword, action in (*BASIC_PROFILE, *FILE_META_ACTIONS):
-        source = original.file_meta if tag >> 16 == 2 else original
-        target = clean.file_meta if tag >> 16 == 2 else clean
-        if tag not in source or tag not in target or resolve_action(action) == "K":
-            continue
-        if (
-            source[tag].VR != "SQ"
-            and source[tag].value not in (None, "")
-            and target[tag].value == source[tag].value
-        ):
-            left.append(keyword)
-    return left
