@@ -36,6 +36,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--no-first-run", "--disable-component-update", "--disable-sync"]  # fmt: skip
 PORTAL_PORT, LISTENER_PORT = 7873, 7879
 HOST = f"127.0.0.1:{LISTENER_PORT}"
+PASSWORD = "correct horse battery"
 
 
 def planted(where: str) -> str:
@@ -82,6 +83,7 @@ def _planted_store(folder: Path):
     draft = dataclasses.replace(draft, **fields, key_points=(planted("keypoint"),), tags=(planted("tag"),),
                                 questions=(question, *draft.questions[1:]))  # fmt: skip
     store.create_case(store.operator_session(), draft)
+    store.create_instructor(store.operator_session(), "teacher", PASSWORD)
     return store
 
 
@@ -149,3 +151,31 @@ def test_planted_html_makes_no_request(portal, listener):
         browser.close()
     assert counted == 0, listener.paths
     assert listener.paths[-1:] == ["/control"]  # the listener does see a real request
+
+
+def test_instructor_login_in_the_browser_sets_a_cookie_scripts_cannot_read(portal):
+    """The Log in button posts the password with fetch; the session cookie is HttpOnly; Log out ends it."""
+    url, _folder = portal
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        page.get_by_role("tab", name="Instructor").click()
+        page.locator("#instructor-user textarea, #instructor-user input").first.fill("teacher")
+        page.locator("#instructor-password input").fill("wrong password!")
+        page.get_by_role("button", name="Log in").click()
+        page.get_by_text("Wrong instructor username or password").wait_for()
+        page.locator("#instructor-password input").fill(PASSWORD)
+        page.get_by_role("button", name="Log in").click()
+        page.get_by_text("Logged in as").wait_for()
+        cookies = {c["name"]: c for c in page.context.cookies()}
+        assert (
+            cookies["medplib_instructor"]["httpOnly"]
+            and cookies["medplib_instructor"]["sameSite"] == "Strict"
+        )
+        assert "medplib_instructor" not in page.evaluate("() => document.cookie")
+        page.get_by_role("button", name="Log out").click()
+        page.get_by_text("Not logged in").wait_for()
+        assert "medplib_instructor" not in {c["name"] for c in page.context.cookies()}
+        browser.close()
