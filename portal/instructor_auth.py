@@ -76,11 +76,11 @@ class InstructorGate:
                 self._hf_sessions[username] = known
             return known
 
-    def bind(self, fn: Callable[..., Any], n_inputs: int) -> Callable[..., Any]:
+    def bind(self, fn: Callable[..., Any], n_inputs: int, name: str | None = None) -> Callable[..., Any]:
         """A Gradio handler taking `n_inputs` component values and calling fn(session, *values).
 
-        The session comes from the request (see `session`); the handler keeps fn's name, so the event's
-        default api_name does not change.
+        The session comes from the request (see `session`); the handler keeps fn's name (or `name`), so
+        the event's default api_name does not change.
         """
         oauth = self.hf_oauth
 
@@ -92,14 +92,16 @@ class InstructorGate:
                 profile = None
             return fn(self.session(request, profile), *inputs)
 
-        params = [inspect.Parameter(f"value_{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in range(n_inputs)]
+        params = [
+            inspect.Parameter(f"value_{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in range(n_inputs)
+        ]
         params.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD))
         handler.__annotations__ = {"request": gr.Request}
         if oauth:
             params.append(inspect.Parameter("profile", inspect.Parameter.POSITIONAL_OR_KEYWORD))
             handler.__annotations__["profile"] = gr.OAuthProfile | None
         handler.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-        handler.__name__ = getattr(fn, "__name__", "handler")
+        handler.__name__ = name or getattr(fn, "__name__", "handler")
         return handler
 
 
@@ -108,7 +110,9 @@ def instructor_routes(store: Any, *, cookie_secure: bool = False, same_site: str
 
     async def login(request: Request) -> Response:
         body = await request.body()
-        if len(body) > MAX_LOGIN_BODY or not request.headers.get("content-type", "").startswith("application/json"):
+        if len(body) > MAX_LOGIN_BODY or not request.headers.get("content-type", "").startswith(
+            "application/json"
+        ):
             return JSONResponse({"ok": False, "message": texts.LOGIN_BAD_REQUEST}, status_code=400)
         try:
             data = json.loads(body)

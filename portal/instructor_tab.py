@@ -29,6 +29,7 @@ from cases import (
     MaskDraft,
     QuestionDraft,
 )
+from cases.convert import AUDIT_COLUMNS
 from cases.deid import deidentify_bytes, strip_image_metadata
 from cases.errors import UNTRUSTED_INPUT_ERRORS
 from cases.imaging import MAX_UPLOAD_BYTES, decode_mask
@@ -41,6 +42,7 @@ from portal.quiz_tab import BRUSH_COLOR, drawn_mask
 from portal.safe_text import html_text, plain
 
 PLANES = ("axial", "coronal", "sagittal")
+AUDIT_SHOWN = 50
 LOGGED_OUT = "Not logged in. Instructor accounts are created with `python -m cases add-instructor NAME`."
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 EXPORT_DIR = Path(tempfile.gettempdir()) / "medplib-portal-exports"
@@ -90,7 +92,9 @@ def _read_upload(path: Path, plane: str, index: int, preset: str | None) -> Load
         )
     stripped = strip_image_metadata(data)
     dropped = (
-        f" Dropped metadata: {plain(', '.join(stripped.dropped_metadata))}." if stripped.dropped_metadata else ""
+        f" Dropped metadata: {plain(', '.join(stripped.dropped_metadata))}."
+        if stripped.dropped_metadata
+        else ""
     )
     return LoadedUpload(stripped.rgb, None, None, False, f"Photo re-encoded without metadata.{dropped}")
 
@@ -200,12 +204,16 @@ class InstructorHandlers:
     def __init__(self, store: CaseStore) -> None:
         self.store = store
 
-    def login(self, username: str, password: str, client: str = "local") -> tuple[InstructorSession, str, Any, Any]:
+    def login(
+        self, username: str, password: str, client: str = "local"
+    ) -> tuple[InstructorSession, str, Any, Any]:
         """Programmatic login (tests, scripts); the web UI logs in through portal.instructor_auth."""
         session = self._call(self.store.login, username.strip(), password, client)
         return session, *self.after_login(session, username, "")
 
-    def after_login(self, session: InstructorSession | None, _username: str, message: str) -> tuple[str, Any, Any]:
+    def after_login(
+        self, session: InstructorSession | None, _username: str, message: str
+    ) -> tuple[str, Any, Any]:
         """Status after the browser posted the password: (status, cleared password, case menu)."""
         if session is None:
             return plain(message) if message else LOGGED_OUT, gr.update(value=""), self.case_menu(None)
@@ -223,12 +231,15 @@ class InstructorHandlers:
         summary = self._call(self.store.confirm_burned_in_review, session, int(case_id))
         return f"Burned-in review of case #{summary.id} recorded.", self.case_menu(session)
 
-    def export_audit(self, session: InstructorSession | None) -> str:
-        """The audit log (who did what to which case, when) as a CSV file."""
+    def export_audit(self, session: InstructorSession | None) -> tuple[str, list[list[Any]]]:
+        """The audit log (who did what to which case, when): a CSV file and its latest AUDIT_SHOWN rows."""
         text = self._call(self.store.audit_csv, session)
         path = temp_file(EXPORT_DIR, f"audit_log_{secrets.token_hex(4)}.csv")
         path.write_text(text, encoding="utf-8")
-        return str(path)
+        latest = self.store.audit_log(session, limit=AUDIT_SHOWN)
+        rows = [[r.id, r.at.isoformat(timespec="seconds"), r.actor, r.action, r.case_id, r.case_slug, r.detail]
+                for r in latest]  # fmt: skip
+        return str(path), rows
 
     def case_menu(self, session: InstructorSession | None) -> Any:
         if not self.store.is_instructor(session):
@@ -386,6 +397,9 @@ def build_instructor_tab(ctx: Any) -> None:
             audit = gr.Button("Export audit log (CSV)")
         csv_file = gr.File(label="Quiz results", interactive=False)
         audit_file = gr.File(label="Audit log", interactive=False)
+        audit_table = gr.Dataframe(
+            headers=list(AUDIT_COLUMNS), label="Latest instructor actions", interactive=False
+        )
     with gr.Accordion("New case / edit", open=True):
         with gr.Row():
             file = gr.File(
@@ -413,7 +427,9 @@ def build_instructor_tab(ctx: Any) -> None:
                 gr.Button("Save changes to the edited case"),
             )
     bind = gate.bind
-    login.click(bind(h.after_login, 2), [username, password], [status, password, menu], js=LOGIN_JS)
+    login.click(
+        bind(h.after_login, 2, name="login"), [username, password], [status, password, menu], js=LOGIN_JS
+    )
     logout.click(bind(h.logout, 0), None, [status, menu], js=LOGOUT_JS)
     read.click(h.read, [file, plane_in, index, preset], [upload, editor, note])
     common = [upload, editor, mask_file, publish, reviewed, *fields]
@@ -425,4 +441,4 @@ def build_instructor_tab(ctx: Any) -> None:
     review_btn.click(bind(h.confirm_review, 1), [menu], [status, menu])
     delete.click(bind(h.delete, 1), [menu], [status, menu])
     export.click(bind(h.export_csv, 0), None, csv_file)
-    audit.click(bind(h.export_audit, 0), None, audit_file)
+    audit.click(bind(h.export_audit, 0), None, [audit_file, audit_table])

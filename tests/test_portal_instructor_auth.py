@@ -119,3 +119,54 @@ def test_case_text_keeps_only_bold_italics_and_lists() -> None:
         assert "<" not in out and "](" not in out and "![" not in out
     assert formatted("**key** *point*\n- one\n1. two") == "**key** *point*\n- one\n1. two"
     assert plain("**key**") == "\\*\\*key\\*\\*"
+
+
+def test_monitoring_is_off(served: tuple[str, CaseStore]) -> None:
+    """Bug: /monitoring was reachable by anyone and made the server print its dashboard URL."""
+    url, _store = served
+    for path in ("/monitoring", "/monitoring/summary"):
+        assert httpx.get(url + path).status_code in (403, 404)
+    assert launch_kwargs(PortalSettings())["enable_monitoring"] is False
+
+
+def test_audit_export_needs_the_cookie_and_lists_actions(served: tuple[str, CaseStore]) -> None:
+    url, _store = served
+    token = _login(url).cookies[COOKIE_NAME]
+    teacher = Client(url, headers={"Cookie": f"{COOKIE_NAME}={token}"}, verbose=False)
+    path, table = teacher.predict(api_name="/export_audit")
+    assert Path(path).read_text().startswith("id,at,actor,action,case_id,case_slug,detail")
+    assert "login" in [row[3] for row in table["data"]]
+    with pytest.raises(AppError, match="instructor action"):
+        Client(url, verbose=False).predict(api_name="/export_audit")
+
+
+def test_space_mode_offers_hf_sign_in_with_oauth_typed_handlers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a Space the tab shows gr.LoginButton and every instructor handler receives gr.OAuthProfile.
+
+    Offline stand-in for a Space: SYSTEM, SPACE_ID and the OAuth settings a Space with `hf_oauth: true` provides.
+    """
+    from gradio import oauth, utils
+
+    monkeypatch.setenv("SPACE_ID", "medplib/portal-test")
+    monkeypatch.setenv("SYSTEM", "spaces")
+    for name, value in (
+        ("OAUTH_CLIENT_ID", "test-client"),
+        ("OAUTH_CLIENT_SECRET", "test-secret"),
+        ("OAUTH_SCOPES", "openid profile"),
+        ("OPENID_PROVIDER_URL", "https://huggingface.co"),
+    ):
+        monkeypatch.setattr(oauth, name, value)  # fmt: skip
+
+    store = CaseStore(str(tmp_path / "space.sqlite"), seed_starter=False)
+    settings = PortalSettings(hf_oauth=True, instructor_allowlist=("dr-lee",), cookie_secure=True)
+    with gr.Blocks() as demo:
+        build_instructor_tab(Ctx(store, settings))
+    assert any(isinstance(block, gr.LoginButton) for block in demo.blocks.values())
+    export = next(fn for fn in demo.fns.values() if fn.name == "export_csv")
+    hints = utils.get_type_hints(export.fn)
+    assert hints["request"] is gr.Request and hints["profile"] == (gr.OAuthProfile | None)
+    routes = launch_kwargs(settings, store)["app_kwargs"]["routes"]
+    assert {r.path for r in routes} == {LOGIN_PATH, LOGOUT_PATH}
+    store.close()
