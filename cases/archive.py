@@ -75,6 +75,7 @@ def export_archive(store: Any, session: InstructorSession, out: Path, cases: Ite
             outputs = {q.id: store.model_outputs(q.id) for q in record.questions}
             manifest["cases"].append(_write_case(archive, record, outputs))
         archive.writestr(MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
+    store.log_action(session, "export_archive", f"{len(records)} cases to {out.name}")
     return len(records)
 
 
@@ -166,6 +167,7 @@ def import_archive(store: Any, session: InstructorSession, path: Path) -> tuple[
         raise DuplicateCase(f"{path} was not imported: {error}") from error
     except InvalidCaseData as error:
         raise ArchiveError(f"{path} was not imported: {error}") from error
+    store.log_action(session, "import_archive", f"{len(records)} cases from {Path(path).name}")
     return tuple(r.summary.slug for r in records)
 
 

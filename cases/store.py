@@ -229,6 +229,11 @@ class CaseStore:
         with self._writing() as own:
             own.add(entry)
 
+    def log_action(self, session: InstructorSession, action: str, detail: str = "") -> None:
+        """Add an audit entry for an action done outside the store's own methods (e.g. archive export)."""
+        session = self._require(session)
+        self._record(session.username, action, detail=detail[:2000])
+
     def audit_log(self, session: InstructorSession, limit: int = 10_000) -> tuple[AuditRecord, ...]:
         """Instructor actions, newest first (instructor only)."""
         self._require(session)

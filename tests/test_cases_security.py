@@ -220,3 +220,15 @@ def test_migration_0002_upgrades_and_downgrades_a_0001_library(tmp_path: Path) -
     engine.dispose()
     assert create_engine  # noqa: B018 - imported for the PostgreSQL fixture helpers
     assert text
+
+
+def test_archive_export_and_import_are_audited(store: CaseStore, tmp_path: Path) -> None:
+    from cases.archive import export_archive, import_archive
+
+    session = store.login("teacher", PASSWORD)
+    store.create_case(session, sample_draft("Exported", slug="exported-case"))
+    export_archive(store, session, tmp_path / "out.zip")
+    store.delete_case(session, "exported-case")
+    import_archive(store, session, tmp_path / "out.zip")
+    actions = [r.action for r in store.audit_log(session)]
+    assert "export_archive" in actions and "import_archive" in actions
