@@ -26,6 +26,7 @@ from cases import (
 from cases.db import alembic_config, current_revision
 from cases.records import InstructorSession
 from cases.samples import disc_mask, sample_draft
+from cases.throttle import LoginThrottle
 
 PASSWORD = "correct horse battery"
 
@@ -150,6 +151,7 @@ def test_login_logout_and_password_check(store: CaseStore, operator) -> None:
     store.logout(session)
     with pytest.raises(PermissionDenied):
         store.create_case(session, sample_draft("after logout"))
+    store.throttle = LoginThrottle(clock=lambda: 1000.0)  # frozen time: the back-off cannot elapse
     for _ in range(3):
         with pytest.raises(PermissionDenied, match="wrong"):
             store.login("teacher", "guessing123", client="10.0.0.9")
