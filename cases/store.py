@@ -142,6 +142,7 @@ class CaseStore:
         if stored is None or not verify_password(password, stored):
             if stored is None:
                 verify_dummy(password)
+            self.throttle.failed(client[:100], username)
             raise PermissionDenied(WRONG_LOGIN)
         self.throttle.succeeded(client[:100], username)
         if needs_rehash(stored):

@@ -68,6 +68,16 @@ class LoginThrottle:
                 self._records.popitem(last=False)
         return Admission(True, 0.0)
 
+    def failed(self, client: str, account: str) -> None:
+        """A wrong password: the back-off runs from now (the end of the check), not from its start."""
+        with self._lock:
+            now = self._clock()
+            for key in (("client", client), ("account", account)):
+                record = self._records.get(key)
+                if record is not None:
+                    record.last = now
+                    self._records.move_to_end(key)
+
     def succeeded(self, client: str, account: str) -> None:
         """A correct password: forget the failures of this client and this account."""
         with self._lock:

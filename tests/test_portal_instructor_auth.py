@@ -17,6 +17,7 @@ from gradio_client.exceptions import AppError
 
 from cases import CaseStore
 from cases.samples import sample_draft
+from cases.throttle import LoginThrottle
 from portal.app import launch_kwargs
 from portal.context import PortalSettings
 from portal.instructor_auth import COOKIE_NAME, LOGIN_PATH, LOGOUT_PATH, InstructorGate
@@ -169,4 +170,34 @@ def test_space_mode_offers_hf_sign_in_with_oauth_typed_handlers(
     assert hints["request"] is gr.Request and hints["profile"] == (gr.OAuthProfile | None)
     routes = launch_kwargs(settings, store)["app_kwargs"]["routes"]
     assert {r.path for r in routes} == {LOGIN_PATH, LOGOUT_PATH}
+    store.close()
+
+
+def test_login_route_on_a_space_sets_a_secure_cross_site_cookie_and_says_when_to_retry(
+    tmp_path: Path,
+) -> None:
+    """Spaces run in an iframe on huggingface.co: the cookie must be Secure + SameSite=None there.
+
+    Repeated wrong passwords get 429 with Retry-After (seconds), not a lock-out.
+    """
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from portal.instructor_auth import instructor_routes
+
+    store = CaseStore(str(tmp_path / "route.sqlite"), seed_starter=False)
+    store.create_instructor(store.operator_session(), "teacher", PASSWORD)
+    store.throttle = LoginThrottle(clock=lambda: 1000.0)  # frozen time: no back-off elapses mid-test
+    http = TestClient(Starlette(routes=instructor_routes(store, cookie_secure=True, same_site="none")))
+    reply = http.post(LOGIN_PATH, json={"username": "teacher", "password": PASSWORD})
+    cookie = reply.headers["set-cookie"]
+    assert (
+        reply.status_code == 200 and "Secure" in cookie and "SameSite=none" in cookie and "HttpOnly" in cookie
+    )
+    assert http.post(LOGIN_PATH, content=b"username=teacher").status_code == 400  # JSON only
+    codes = [http.post(LOGIN_PATH, json={"username": "teacher", "password": "guess-guess"}).status_code
+             for _ in range(5)]  # fmt: skip
+    assert codes == [401, 401, 401, 429, 429]
+    throttled = http.post(LOGIN_PATH, json={"username": "teacher", "password": "guess-guess"})
+    assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) >= 1
     store.close()
