@@ -41,9 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.perf_counter()
     eng = load_engine(args.model, device=args.device)
-    print(
-        f"model {eng.info.name} on {eng.info.device} ({eng.info.dtype}), {eng.info.n_parameters:,} parameters"
-    )
+    print(f"model {eng.info.name} on {eng.info.device} ({eng.info.dtype}), {eng.info.n_parameters:,} parameters")
     print(f"load: {time.perf_counter() - t0:.2f} s, peak RSS after load {peak_rss_mb():.0f} MB")
     rgb = bundled_image()
     rows: dict[str, list[float]] = {}
@@ -51,29 +49,15 @@ def main() -> None:
         t = time.perf_counter()
         image = eng.set_image(rgb)
         rows.setdefault("set_image (CLIP) ms", []).append((time.perf_counter() - t) * 1000)
-        seg = eng.ask(
-            image,
-            "Please segment the brain in this image.",
-            settings=GenerationSettings(force_answer="<SEG>"),
-        )
-        rows.setdefault("forced <SEG> answer + mask ms (incl. SAM encoder)", []).append(
-            seg.timings_ms["total"]
-        )
+        seg = eng.ask(image, "Please segment the brain in this image.", settings=GenerationSettings(force_answer="<SEG>"))
+        rows.setdefault("forced <SEG> answer + mask ms (incl. SAM encoder)", []).append(seg.timings_ms["total"])
         t = time.perf_counter()
         ans = eng.ask(image, "What modality is this image?", settings=GenerationSettings(max_new_tokens=32))
         dt = time.perf_counter() - t
         rows.setdefault("greedy answer ms", []).append(dt * 1000)
-        rows.setdefault("decode tokens/s", []).append(
-            len(ans.token_ids) / max(ans.timings_ms.get("decode", 1) / 1000, 1e-6)
-        )
-        follow = eng.ask(
-            image,
-            "Please segment the brain in this image.",
-            settings=GenerationSettings(force_answer="<SEG>"),
-        )
-        rows.setdefault("follow-up <SEG> ms (embeddings reused)", []).append(
-            follow.timings_ms["total"] - follow.timings_ms.get("clip", 0)
-        )
+        rows.setdefault("decode tokens/s", []).append(len(ans.token_ids) / max(ans.timings_ms.get("decode", 1) / 1000, 1e-6))
+        follow = eng.ask(image, "Please segment the brain in this image.", settings=GenerationSettings(force_answer="<SEG>"))
+        rows.setdefault("follow-up <SEG> ms (embeddings reused)", []).append(follow.timings_ms["total"] - follow.timings_ms.get("clip", 0))
     for name, values in rows.items():
         print(f"{name:<52} median {statistics.median(values):9.1f}")
     print(f"peak RSS {peak_rss_mb():.0f} MB")
