@@ -108,11 +108,14 @@ def quantize(model: MedPLIBModel, mode: str, device: str) -> None:
 
 
 def load_engine(model: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-                revision: str | None = None, quantization: str | None = None, postprocess: str | None = None):
+                revision: str | None = None, quantization: str | None = None, postprocess: str | None = None,
+                decode: str = "fast", graphs: str = "auto"):
     """Load a MedPLIB checkpoint in the released layout and return an `Engine`.
 
     model: None (the shipped small model), a checkpoint folder, or a hub id such as "Huangxs/MedPLIB-7b-2e".
     postprocess: "medplib" (the released slice quirk), "crop" (corrected), or None for the model's own default.
+    decode: "fast" (static cache, host-sync-free step, prefix reuse; CUDA graphs on CUDA) or "plain" (one eager
+    forward per token, the reference loop). graphs: "auto", "cuda-graph", "compile" or "none" (fast only).
     """
     from engine.inference import Engine
 
@@ -135,4 +138,4 @@ def load_engine(model: str | Path | None = None, *, device: str | None = None, d
         n_experts=config.moe.num_experts,
         is_demo_model=config.demo_model,
     )
-    return Engine(model=net, tokenizer=tokenizer, config=config, info=info)
+    return Engine(model=net, tokenizer=tokenizer, config=config, info=info, decode=decode, graphs=graphs)
