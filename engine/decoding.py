@@ -23,6 +23,7 @@ import torch
 
 from engine.modeling.medplib import MedPLIBModel
 from engine.modeling.static_decode import DecodeStep, StaticKV, prefill
+from engine.quantize import graph_capturable
 from engine.tokenizer import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX
 
 log = logging.getLogger(__name__)
@@ -191,8 +192,10 @@ class FastDecoder:
         stacked = all([layer.mlp.stack_experts() for layer in model.llm.layers])
         path = expert_path or default_expert_path(model, self.device)
         self.expert_path = path if stacked else "select"
+        if self.expert_path == "grouped" and expert_path is None and not self._grouped_works():
+            self.expert_path = "select"
         if graphs == "auto":
-            graphs = "cuda-graph" if self.device.type == "cuda" else "none"
+            graphs = "cuda-graph" if self.device.type == "cuda" and graph_capturable(model.llm) else "none"
         if graphs != "none" and self.device.type != "cuda":
             raise ValueError(f"graphs={graphs!r} needs a CUDA device; the model is on {self.device}")
         self.graphs = graphs
@@ -205,6 +208,26 @@ class FastDecoder:
         self._graph_pool = None
         self.last_reused = 0  # positions taken from a kept prefix by the last request (for tests/benchmarks)
         self.n_image_tokens = model.config.n_image_tokens
+
+    @torch.inference_mode()
+    def _grouped_works(self) -> bool:
+        """One step through `torch._grouped_mm` against "select" on a scratch cache; False on error or mismatch."""
+        step = DecodeStep(llm=self.model.llm, lm_head=self.model.lm_head, expert_path="grouped")
+        kv = StaticKV.allocate(self.model.llm, 8, device=self.device, dtype=self.dtype)
+        outs = {}
+        try:
+            for path in ("grouped", "select"):
+                step.expert_path = path
+                token = torch.ones((1, 1), dtype=torch.long, device=self.device)
+                outs[path] = step(token, torch.zeros(1, dtype=torch.long, device=self.device), kv.keys, kv.values)
+        except RuntimeError as err:
+            log.warning("torch._grouped_mm is unusable here (%s): the decode step runs every expert instead", err)
+            return False
+        same = torch.equal(outs["grouped"][2], outs["select"][2]) and torch.allclose(
+            outs["grouped"][0].float(), outs["select"][0].float(), atol=5e-2, rtol=5e-2)
+        if not same:
+            log.warning("torch._grouped_mm disagrees with the reference expert: the decode step runs every expert")
+        return same
 
     # ---- caches ---------------------------------------------------------------------------------------
     def _valid(self, record: PrefixRecord | None) -> _Buffers | None:
@@ -235,7 +258,12 @@ class FastDecoder:
             for t in (kv.keys, kv.values, bufs.token, bufs.pos):
                 torch._dynamo.mark_static_address(t)
         elif self.graphs == "cuda-graph":
-            self._capture(bufs)
+            try:
+                self._capture(bufs)
+            except RuntimeError as err:  # a layer that syncs (e.g. a quantised kernel): step eagerly from now on
+                log.warning("could not capture the decode step as a CUDA graph (%s); decoding eagerly", err)
+                self.graphs, bufs.graph, bufs.outputs = "none", None, None
+                bufs.pos.zero_()
         self._buffers[capacity] = bufs
         return bufs
 

@@ -82,11 +82,14 @@ class Top1MoE(nn.Module):
         and `forward` are unchanged. Returns False (nothing done) when the experts are not plain Linears
         (bitsandbytes 8-/4-bit layers): `step` then needs path "select".
         """
-        if self._stacked is not None:
-            return True
         linears = [(e.gate_proj, e.up_proj, e.down_proj) for e in self.experts]
         if any(type(lin) is not nn.Linear or lin.weight.is_meta for trio in linears for lin in trio):
+            self._stacked = None  # e.g. swapped for quantised layers since the last call
             return False
+        if self._stacked is not None and all(
+                trio[j].weight.data_ptr() == self._stacked[j][e].data_ptr()
+                for e, trio in enumerate(linears) for j in range(3)):
+            return True
         stacked = []
         for j in range(3):
             weight = torch.stack([trio[j].weight.detach() for trio in linears])  # (E, out, in)
