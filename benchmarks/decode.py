@@ -16,7 +16,7 @@ Measured in one process, after one warm-up pass of every path (medians of --repe
   with prefix reuse / with a full prefill;
 - hbm_gbps: device-to-device copy bandwidth (bytes read + written, CUDA only); roofline_fraction:
   decode_tok_s × weight_bytes_per_token / hbm bandwidth;
-- graph_breaks: `torch._dynamo.explain` on the decode step (0 = `fullgraph=True` compiles it);
+- graph_breaks: `torch._dynamo.explain` on the decode step (0 = `fullgraph=True` compiles it; -1 = dynamo failed);
 - matches_plain: same ids, routing and mask from both loops; with --quant, token agreement over the greedy
   tokens and mask IoU against the same random model in the run's dtype before quantisation.
 """
@@ -193,8 +193,13 @@ def count_graph_breaks(engine: Engine, capacity: int) -> int:
         kv = StaticKV.allocate(engine.model.llm, capacity, device=engine.device, dtype=engine.fast.dtype)
         token = torch.ones((1, 1), dtype=torch.long, device=engine.device)
         pos = torch.zeros(1, dtype=torch.long, device=engine.device)
-        explained = torch._dynamo.explain(engine.fast.step)(token, pos, kv.keys, kv.values)
-    torch._dynamo.reset()
+        try:
+            explained = torch._dynamo.explain(engine.fast.step)(token, pos, kv.keys, kv.values)
+        except Exception as err:  # dynamo failing on a third-party layer must not lose the other figures
+            log.warning("torch._dynamo.explain failed on the decode step: %s", err)
+            return -1
+        finally:
+            torch._dynamo.reset()
     return int(explained.graph_break_count)
 
 

@@ -55,6 +55,8 @@ def add_ask_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-mask", default=None, metavar="OUT.png")
     p.add_argument("--postprocess", default=None, choices=("medplib", "crop"),
                    help="mask post-processing (default: the model's config.json `mask_postprocess`, else medplib)")
+    p.add_argument("--decode", default="fast", choices=("fast", "plain"),
+                   help="decoding loop: fast (static cache, sync-free step, CUDA graphs on CUDA) or plain (reference)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -132,7 +134,7 @@ def run_ask(args: argparse.Namespace) -> int:
         raise UsageError("--max-new-tokens must be at least 1")
     try:
         eng = load_engine(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
-                          postprocess=args.postprocess)
+                          postprocess=args.postprocess, decode=args.decode)
     except ModelNotFoundError as err:
         raise UsageError(str(err)) from None
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
