@@ -8,7 +8,8 @@ directly on the device (no download, no host copy); `--model` loads a checkpoint
 synthetic: ~700 embedded positions (576 image rows from a random image plus random text ids), as a real
 question with its image is. Prints a table, and with --json one JSON object as the last line.
 
-Measured in one process, after one warm-up pass of every path (medians of --repeats; the plain decode once):
+Measured in one process, after one warm-up pass of every path (medians of --repeats, of 3 × --repeats for the
+follow-ups; the plain decode once):
 - decode_tok_s / decode_tok_s_plain: greedy tokens per second after the first token (fast loop / plain loop);
 - ttft_ms: image encode + prefill + first token on the host; mask_ms: `<SEG>` hidden state → full-size mask
   (SAM image embedding already cached, its time is sam_ms);
@@ -89,6 +90,7 @@ class DecodeReport:
     first_divergence_vs_unquantized: int | None = None
     mask_iou_vs_unquantized: float | None = None
     build_s: float = 0.0
+    cpu_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -293,7 +295,7 @@ def measure(engine: Engine, prompt: _Prompt, n: int, repeats: int) -> dict[str, 
     mask_from(engine, image, warm.decoded.predicting_hidden[0])
     turns = [first_turn(engine, prompt, n) for _ in range(repeats)]
     fast, image, embeds, _ = turns[-1]
-    follow_ms, follow_plain_ms, reused = followup(engine, image, prompt, fast, repeats=repeats)
+    follow_ms, follow_plain_ms, reused = followup(engine, image, prompt, fast, repeats=3 * repeats)  # ms each
     plain = run_plain(engine, embeds, n)
     hidden = fast.decoded.predicting_hidden[0]  # the last prompt position, as if it predicted <SEG>
     mask_ms = float(np.median([mask_from(engine, image, hidden)[0] for _ in range(repeats)]))
@@ -361,6 +363,7 @@ def report(args: argparse.Namespace) -> DecodeReport:
         followup_speedup=round(float(figures["followup_prefill_ms_plain"]) / float(figures["followup_prefill_ms"]), 2),
         followup_reused_positions=int(figures["reused"]),
         token_agreement_plain=round(float(figures["token_agreement_plain"]), 4), build_s=round(build_s, 1),
+        cpu_threads=torch.get_num_threads(),
     )
     if quality:
         share, first = agreement(fast.decoded.ids, quality["ids"])  # type: ignore[arg-type]
@@ -386,11 +389,15 @@ def main() -> None:
     parser.add_argument("--quant", choices=("none", *QUANT_MODES), default="none")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (medians are reported)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 gives steadier figures on a shared, busy CPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     if args.new_tokens < 2 or args.repeats < 1:
         parser.error("--new-tokens must be at least 2 and --repeats at least 1")
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rep = report(args)
     print_table(rep)
     if args.json:

@@ -20,7 +20,7 @@ FIELDS = {"size", "device", "dtype", "quant", "decode_tok_s", "decode_tok_s_plai
 
 def test_tiny_cpu_run_prints_a_table_and_a_json_line_with_every_field() -> None:
     cmd = [sys.executable, "-m", "benchmarks.decode", "--size", "tiny", "--device", "cpu", "--new-tokens", "24",
-           "--repeats", "1", "--json"]
+           "--repeats", "1", "--threads", "1", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1])
