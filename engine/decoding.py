@@ -305,15 +305,38 @@ class FastDecoder:
         return outs
 
     def _prefill(self, embeds: torch.Tensor, ids: Sequence[int], region: torch.Tensor | None,
-                 prefix: PrefixRecord | None, max_new_tokens: int) -> tuple[_Buffers, torch.Tensor]:
-        n = embeds.shape[1]
+                 prefix: PrefixRecord | None, capacity: int, keep_from: int) -> tuple[_Buffers, torch.Tensor, int]:
+        """Prefill what the kept prefix does not cover; hidden states are needed from position `keep_from` on.
+
+        Returns the cache, the post-norm hidden states of the prefilled positions (1, T - reused, C) and reused.
+        """
         source = self._valid(prefix)
-        reuse = min(reusable_positions(prefix, ids, region, self.n_image_tokens), n - 1) if source else 0
-        bufs = self._acquire(n + max_new_tokens, source, reuse)
+        reuse = min(reusable_positions(prefix, ids, region, self.n_image_tokens), keep_from) if source else 0
+        bufs = self._acquire(capacity, source, reuse)
         self.last_reused = reuse
         hidden = prefill(self.model.llm, embeds[:, reuse:], bufs.kv, start=reuse)
-        bufs.pos.fill_(n)
-        return bufs, hidden[0, -1]
+        bufs.pos.fill_(embeds.shape[1])
+        return bufs, hidden, reuse
+
+    @torch.inference_mode()
+    def teacher_force(self, embeds: torch.Tensor, *, ids: Sequence[int], region: torch.Tensor | None,
+                      prefix: PrefixRecord | None, forced: Sequence[int]) -> Decoded:
+        """Prompt (ids, embeds (1, T, C)) + forced ids but the last, in one causal pass over a static cache.
+
+        Like the plain teacher-forced pass, but reusing the kept prefix; `out.prefix` covers prompt + forced.
+        """
+        extra = self.model.embed_ids(torch.tensor([list(forced[:-1])], device=self.device))
+        full = torch.cat([embeds, extra], dim=1)
+        start = embeds.shape[1] - 1  # the position that predicts forced[0]
+        bufs, hidden, reuse = self._prefill(full, list(ids) + list(forced[:-1]), region, prefix,
+                                            capacity=full.shape[1], keep_from=start)
+        routing = self.model.llm.routing()
+        return Decoded(
+            ids=list(forced), predicting_hidden=list(hidden[0, start - reuse:]),
+            experts=[r[0, start - reuse:].tolist() for r in routing],
+            prefix=PrefixRecord(ids=tuple(ids) + tuple(forced), region=region, n_positions=full.shape[1],
+                                capacity=bufs.kv.capacity, lease=bufs.lease),
+        )
 
     @torch.inference_mode()
     def generate(self, embeds: torch.Tensor, *, ids: Sequence[int], region: torch.Tensor | None,
@@ -325,7 +348,9 @@ class FastDecoder:
             return
         t0 = time.perf_counter()
         n_layers = len(self.model.llm.layers)
-        bufs, h_last = self._prefill(embeds, ids, region, prefix, max_new_tokens)
+        n = embeds.shape[1]
+        bufs, hidden, _ = self._prefill(embeds, ids, region, prefix, capacity=n + max_new_tokens, keep_from=n - 1)
+        h_last = hidden[0, -1]
         experts = torch.stack([c[0, -1] for c in self.model.llm.routing()])
         bufs.token.copy_(pick_token(self.model.logits(h_last), temperature, generator).view(1, 1))
         req = _Request(ids=torch.empty(max_new_tokens, dtype=torch.long, device=self.device),

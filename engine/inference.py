@@ -136,7 +136,7 @@ class Engine:
         embeds = self.model.embed_prompt(ids, image.image_tokens, region_vector)
         decoder = self.tokenizer.streaming_decoder()
         if settings.force_answer is not None:
-            decoded = self._teacher_force(embeds, settings.force_answer)
+            decoded = self._teacher_force(image, ids, region_vector, embeds, settings.force_answer)
             timings["prefill"] = _ms(t0)
             tokens: Iterable[int] = decoded.ids
         else:
@@ -163,9 +163,14 @@ class Engine:
             torch.manual_seed(settings.seed)  # the reference demo seeds right before randperm
         return pool_region(fmap, grid, max_points=self.config.max_sample_point)
 
-    def _teacher_force(self, embeds: torch.Tensor, answer: str) -> Decoded:
+    def _teacher_force(self, image: ImageHandle, ids: list[int], region: torch.Tensor | None, embeds: torch.Tensor,
+                       answer: str) -> Decoded:
         """Feed prompt + forced answer + `</s>` in one causal pass, as training does."""
         forced = self.tokenizer.encode(answer, add_bos=False) + [self.tokenizer.eos_id]
+        if self.fast is not None:
+            decoded = self.fast.teacher_force(embeds, ids=ids, region=region, prefix=image._prefix, forced=forced)
+            image._prefix = decoded.prefix
+            return decoded
         extra = self.model.embed_ids(torch.tensor([forced[:-1]], device=self.device))
         hidden, _ = self.model.llm(torch.cat([embeds, extra], dim=1))
         start = embeds.shape[1] - 1  # the position that predicts forced[0]

@@ -187,6 +187,24 @@ def test_a_follow_up_prefills_only_its_new_tokens_and_answers_as_a_full_prefill_
         history.append((question, answer.text))
 
 
+def test_forced_answers_reuse_the_prefix_too_and_give_the_plain_loops_mask(fast, plain) -> None:
+    rgb = _bundled(1)
+    forced = GenerationSettings(force_answer="<SEG>")
+    image = fast.set_image(rgb)
+    first = fast.ask(image, "Please segment the body in this image.", settings=forced)
+    assert fast.fast.last_reused == 0
+    history = [("Please segment the body in this image.", first.text)]
+    second = fast.ask(image, "Please segment the bone in this image.", history=history, settings=forced)
+    assert fast.fast.last_reused > 576
+    fresh = plain.ask(plain.set_image(rgb), "Please segment the bone in this image.", history=history, settings=forced)
+    _assert_same_answer(second, fresh)
+    third = fast.ask(image, "Is there bone?", history=[*history, ("Please segment the bone in this image.", "")],
+                     settings=GenerationSettings(max_new_tokens=12))
+    assert fast.fast.last_reused > 576
+    _assert_same_answer(third, plain.ask(plain.set_image(rgb), "Is there bone?", settings=GenerationSettings(
+        max_new_tokens=12), history=[*history, ("Please segment the bone in this image.", "")]))
+
+
 def test_a_changed_region_is_a_mismatch_at_the_region_slot(fast, plain) -> None:
     """Same question and image, another region: only the positions before `<region>` may be reused."""
     rgb = _bundled(0)
