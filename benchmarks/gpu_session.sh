@@ -21,7 +21,7 @@ fi
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee "$OUT/gpu.txt"
 "$PY" -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu.txt"
-timeout 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_fast_decode.py 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_fast_decode.py tests/test_engine_quantize.py 2>&1 | tee "$OUT/gpu_tests.log"
 timeout 180 "$PY" -m benchmarks.decode --size 7b-2e --device cuda --dtype bfloat16 --new-tokens 256 --json 2>&1 \
   | tee "$OUT/bf16.log"
 timeout 180 "$PY" -m benchmarks.decode --size 7b-2e --device cuda --dtype bfloat16 --quant 4bit --new-tokens 256 \
