@@ -342,6 +342,7 @@ def report(args: argparse.Namespace) -> DecodeReport:
     figures = measure(engine, prompt, args.new_tokens, args.repeats)
     fast, plain = figures["fast"], figures["plain"]
     assert isinstance(fast, _Run) and isinstance(plain, _Run)
+    peak = peak_mem_gb(engine.device)  # before the bandwidth test's 2 GiB of buffers
     hbm = measure_hbm_gbps(engine.device)
     wbytes = weight_bytes_per_token(engine)
     assert engine.fast is not None
@@ -352,7 +353,7 @@ def report(args: argparse.Namespace) -> DecodeReport:
         speedup=round(float(figures["decode_tok_s"]) / plain.tok_s, 2), ttft_ms=round(float(figures["ttft_ms"]), 2),
         mask_ms=round(float(figures["mask_ms"]), 2), followup_prefill_ms=round(float(figures["followup_prefill_ms"]), 2),
         followup_prefill_ms_plain=round(float(figures["followup_prefill_ms_plain"]), 2),
-        peak_mem_gb=peak_mem_gb(engine.device), weight_bytes_per_token=wbytes, hbm_gbps=hbm,
+        peak_mem_gb=peak, weight_bytes_per_token=wbytes, hbm_gbps=hbm,
         roofline_fraction=None if hbm is None else round(float(figures["decode_tok_s"]) * wbytes / (hbm * 1e9), 3),
         graph_breaks=count_graph_breaks(engine, capacity=64), matches_plain=bool(figures["matches_plain"]),
         gpu=torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,

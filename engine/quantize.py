@@ -26,6 +26,8 @@ def quantize_decoder(decoder: nn.Module, mode: str, *, compute_dtype: torch.dtyp
         raise ValueError(f"quantization must be one of {QUANT_MODES}, got {mode!r}")
     swapped = 0
     for module in list(decoder.modules()):
+        if getattr(module, "_stacked", None) is not None:
+            module._stacked = None  # the MoE's stacked bf16 experts: free them as soon as they are replaced
         for name, child in list(module.named_children()):
             if type(child) is not nn.Linear or name == "router":
                 continue
