@@ -157,6 +157,12 @@ def test_moe_step_never_reads_tensor_values_on_the_host(fast, monkeypatch) -> No
                 fast.fast.step.expert_path = "gather"
 
 
+def test_the_grouped_expert_probe_accepts_a_working_grouped_mm_and_graphs_need_cuda(fast) -> None:
+    assert fast.fast._grouped_works()
+    with pytest.raises(ValueError, match="CUDA"):
+        FastDecoder(fast.model, graphs="cuda-graph")
+
+
 def test_every_expert_path_gives_the_same_step(fast) -> None:
     outs = {}
     with torch.inference_mode():
