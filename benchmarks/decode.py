@@ -191,6 +191,7 @@ def count_graph_breaks(engine: Engine, capacity: int) -> int:
     from engine.modeling.static_decode import StaticKV
 
     assert engine.fast is not None
+    engine.fast.prepare()
     with torch.inference_mode():
         kv = StaticKV.allocate(engine.model.llm, capacity, device=engine.device, dtype=engine.fast.dtype)
         token = torch.ones((1, 1), dtype=torch.long, device=engine.device)

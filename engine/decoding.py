@@ -189,11 +189,8 @@ class FastDecoder:
         self.model = model
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
-        stacked = all([layer.mlp.stack_experts() for layer in model.llm.layers])
-        path = expert_path or default_expert_path(model, self.device)
-        self.expert_path = path if stacked else "select"
-        if self.expert_path == "grouped" and expert_path is None and not self._grouped_works():
-            self.expert_path = "select"
+        self._expert_request = expert_path
+        self.expert_path = ""  # chosen by `prepare`
         if graphs == "auto":
             graphs = "cuda-graph" if self.device.type == "cuda" and graph_capturable(model.llm) else "none"
         if graphs != "none" and self.device.type != "cuda":
@@ -201,13 +198,25 @@ class FastDecoder:
         self.graphs = graphs
         self.chunk = chunk or (DECODE_CHUNK_TOKENS if self.device.type == "cuda" else 1)
         self.max_buffers = max_buffers
-        self.step = DecodeStep(llm=model.llm, lm_head=model.lm_head, expert_path=self.expert_path)
+        self.step = DecodeStep(llm=model.llm, lm_head=model.lm_head, expert_path="select")
         self._run_step = torch.compile(self.step, mode="reduce-overhead", fullgraph=True) \
             if graphs == "compile" else self.step
         self._buffers: OrderedDict[int, _Buffers] = OrderedDict()
         self._graph_pool = None
         self.last_reused = 0  # positions taken from a kept prefix by the last request (for tests/benchmarks)
         self.n_image_tokens = model.config.n_image_tokens
+
+    def prepare(self) -> None:
+        """Stack the experts and choose how a step reaches them. Runs on first use, not at load time: on ZeroGPU
+        CUDA work is allowed only inside its decorated calls."""
+        if self.expert_path:
+            return
+        stacked = all([layer.mlp.stack_experts() for layer in self.model.llm.layers])
+        path = self._expert_request or default_expert_path(self.model, self.device)
+        path = path if stacked else "select"
+        if path == "grouped" and self._expert_request is None and not self._grouped_works():
+            path = "select"
+        self.expert_path = self.step.expert_path = path
 
     @torch.inference_mode()
     def _grouped_works(self) -> bool:
@@ -325,6 +334,7 @@ class FastDecoder:
 
         Like the plain teacher-forced pass, but reusing the kept prefix; `out.prefix` covers prompt + forced.
         """
+        self.prepare()
         extra = self.model.embed_ids(torch.tensor([list(forced[:-1])], device=self.device))
         full = torch.cat([embeds, extra], dim=1)
         start = embeds.shape[1] - 1  # the position that predicts forced[0]
@@ -346,6 +356,7 @@ class FastDecoder:
         """Like `plain_generate`; on a normal end `out.prefix` describes the cache the next turn may reuse."""
         if max_new_tokens < 1:
             return
+        self.prepare()
         t0 = time.perf_counter()
         n_layers = len(self.model.llm.layers)
         n = embeds.shape[1]

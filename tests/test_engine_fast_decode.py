@@ -50,6 +50,14 @@ def _assert_same_answer(a, b) -> None:
         assert np.array_equal(a.mask[~near], b.mask[~near])
 
 
+def test_loading_runs_nothing_on_the_device_until_the_first_answer() -> None:
+    """ZeroGPU allows CUDA work only inside its decorated calls: building the engine must not stack experts."""
+    eng = load_engine(None, device="cpu", dtype="float32")
+    assert eng.fast.expert_path == "" and all(layer.mlp._stacked is None for layer in eng.model.llm.layers)
+    eng.ask(eng.set_image(_bundled(0)), "What modality is this image?", settings=GenerationSettings(max_new_tokens=2))
+    assert eng.fast.expert_path == "gather"
+
+
 @pytest.mark.parametrize("image_index", [0, 3])
 def test_fast_loop_gives_the_plain_loops_ids_routing_and_mask_on_the_shipped_model(fast, plain, image_index) -> None:
     rgb = _bundled(image_index)
@@ -100,6 +108,7 @@ def test_cli_decode_fast_and_plain_print_the_same_answer(golden_dir: Path) -> No
 
 # ---- no host synchronisation -----------------------------------------------------------------------------
 def _step_inputs(fast_decoder: FastDecoder, capacity: int = 768):
+    fast_decoder.prepare()
     llm = fast_decoder.model.llm
     kv = StaticKV.allocate(llm, capacity, device=torch.device("cpu"), dtype=torch.float32)
     torch.manual_seed(0)
@@ -158,6 +167,7 @@ def test_moe_step_never_reads_tensor_values_on_the_host(fast, monkeypatch) -> No
 
 
 def test_the_grouped_expert_probe_accepts_a_working_grouped_mm_and_graphs_need_cuda(fast) -> None:
+    fast.fast.prepare()
     assert fast.fast._grouped_works()
     with pytest.raises(ValueError, match="CUDA"):
         FastDecoder(fast.model, graphs="cuda-graph")
@@ -304,6 +314,7 @@ def test_cuda_grouped_expert_path_matches_gather_in_bf16() -> None:
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("torch._grouped_mm's bf16 kernel needs sm90+")
     eng = load_engine(None, device="cuda", dtype="bfloat16", graphs="none")
+    eng.fast.prepare()
     step = eng.fast.step
     llm = eng.model.llm
     with torch.inference_mode():

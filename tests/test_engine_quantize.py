@@ -31,9 +31,9 @@ def test_quantised_decoder_keeps_router_head_and_towers_and_both_loops_agree(mod
     assert not is_quantized(eng.model.sam)
     assert all(type(layer.mlp.router) is nn.Linear for layer in eng.model.llm.layers)
     eng.fast = FastDecoder(eng.model)
-    assert eng.fast.expert_path == "select"  # quantised experts cannot be stacked
     settings = GenerationSettings(max_new_tokens=16)
     fast = eng.ask(eng.set_image(IMAGE), "What modality is this image?", settings=settings)
+    assert eng.fast.expert_path == "select"  # quantised experts cannot be stacked
     eng.fast = None
     plain = eng.ask(eng.set_image(IMAGE), "What modality is this image?", settings=settings)
     assert fast.token_ids == plain.token_ids and fast.experts == plain.experts
