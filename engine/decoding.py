@@ -253,13 +253,15 @@ class FastDecoder:
             if source is not None and reuse:
                 bufs.kv.copy_prefix_from(source.kv, reuse)
         self._buffers.move_to_end(bufs.kv.capacity)
+        while len(self._buffers) > self.max_buffers:  # the source, kept only for the copy
+            del self._buffers[next(iter(self._buffers))]
         bufs.lease = next(_LEASES)
         return bufs
 
     def _new_buffers(self, capacity: int, keep: _Buffers | None) -> _Buffers:
-        while len(self._buffers) >= self.max_buffers:
-            oldest = next(k for k, b in self._buffers.items() if b is not keep)
-            del self._buffers[oldest]
+        evictable = [k for k, b in self._buffers.items() if b is not keep]  # oldest first
+        while evictable and len(self._buffers) >= self.max_buffers:
+            del self._buffers[evictable.pop(0)]
         kv = StaticKV.allocate(self.model.llm, capacity, device=self.device, dtype=self.dtype)
         bufs = _Buffers(kv=kv, token=torch.zeros((1, 1), dtype=torch.long, device=self.device),
                         pos=torch.zeros((1,), dtype=torch.long, device=self.device))

@@ -275,6 +275,19 @@ def test_kept_prefixes_use_bounded_memory_and_stale_ones_fall_back_to_a_full_pre
     _assert_same_answer(follow, fresh)
 
 
+def test_a_follow_up_that_outgrows_its_cache_copies_the_prefix_and_keeps_the_bound(fast, plain) -> None:
+    eng = load_engine(None, device="cpu", dtype="float32")
+    eng.fast = FastDecoder(eng.model, max_buffers=1)
+    image = eng.set_image(_bundled(0))
+    first = eng.ask(image, "What modality is this image?", settings=GenerationSettings(max_new_tokens=4))
+    history = [("What modality is this image?", first.text)]
+    settings = GenerationSettings(max_new_tokens=400)  # a bigger cache than the first turn's
+    second = eng.ask(image, "Is there bone?", history=history, settings=settings)
+    assert eng.fast.last_reused > 576 and len(eng.fast._buffers) == 1
+    _assert_same_answer(second, plain.ask(plain.set_image(_bundled(0)), "Is there bone?", history=history,
+                                          settings=settings))
+
+
 def test_an_abandoned_stream_leaves_no_reusable_prefix(fast) -> None:
     """A stream the user stops half-way must not leave a record claiming keys/values it never wrote."""
     image = fast.set_image(_bundled(0))
