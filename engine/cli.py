@@ -55,6 +55,10 @@ def add_ask_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-mask", default=None, metavar="OUT.png")
     p.add_argument("--postprocess", default=None, choices=("medplib", "crop"),
                    help="mask post-processing (default: the model's config.json `mask_postprocess`, else medplib)")
+    p.add_argument("--quantization", default=None, choices=("8bit", "4bit"),
+                   help="bitsandbytes 8-/4-bit decoder layers (CUDA; pip install -r requirements-cuda.txt)")
+    p.add_argument("--decode", default="fast", choices=("fast", "plain"),
+                   help="decoding loop: fast (static cache, sync-free step, CUDA graphs on CUDA) or plain (reference)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -132,8 +136,10 @@ def run_ask(args: argparse.Namespace) -> int:
         raise UsageError("--max-new-tokens must be at least 1")
     try:
         eng = load_engine(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
-                          postprocess=args.postprocess)
+                          postprocess=args.postprocess, decode=args.decode, quantization=args.quantization)
     except ModelNotFoundError as err:
+        raise UsageError(str(err)) from None
+    except RuntimeError as err:  # quantisation without CUDA or bitsandbytes: the message says what to install
         raise UsageError(str(err)) from None
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   seed=args.seed, force_answer=args.force_answer, template=args.template)

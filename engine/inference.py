@@ -18,6 +18,7 @@ import torch
 
 from engine.config import MedPLIBConfig
 from engine.conversation import build_prompt
+from engine.decoding import DECODE_MODES, Decoded, FastDecoder, PrefixRecord, plain_generate
 from engine.modeling.medplib import MedPLIBModel
 from engine.processing import (
     binarize,
@@ -36,7 +37,10 @@ class ImageHandle:
     """One image's cached embeddings; create it with `Engine.set_image`, reuse it for every question.
 
     clip_features: (576, mm_hidden) CLIP patch features; image_tokens: (576, hidden) projected.
-    The SAM-Med2D embedding is computed on the first `<SEG>` and kept.
+    The SAM-Med2D embedding is computed on the first `<SEG>` and kept. With the fast decoder, the last
+    turn's keys/values (`_prefix`) are kept too: a follow-up whose prompt extends the previous prompt and
+    answer token for token prefills only its new tokens. The record dies with the handle (a new image); the
+    cache memory itself is the engine's, bounded (`decoding.MAX_CACHE_BUFFERS`).
     """
 
     shape: tuple[int, int]  # (H, W) of the original image
@@ -46,15 +50,7 @@ class ImageHandle:
     sam_resized_hw: tuple[int, int]
     timings_ms: dict[str, float] = field(default_factory=dict)
     _sam_embedding: torch.Tensor | None = None
-
-
-@dataclass
-class _Decoded:
-    """What the decoding loop leaves for the mask step."""
-
-    ids: list[int] = field(default_factory=list)
-    predicting_hidden: list[torch.Tensor] = field(default_factory=list)  # hidden that predicted ids[t]
-    experts: list[list[int]] = field(default_factory=list)  # [layer][t]
+    _prefix: PrefixRecord | None = None
 
 
 class AnswerStream:
@@ -72,13 +68,19 @@ class Engine:
     """MedPLIB inference on one model. Thread-compatible, not thread-safe: serialise calls (the portal does)."""
 
     def __init__(self, *, model: MedPLIBModel, tokenizer: MedPLIBTokenizer, config: MedPLIBConfig,
-                 info: ModelInfo) -> None:
+                 info: ModelInfo, decode: str = "fast", graphs: str = "auto") -> None:
+        """decode: "fast" (static cache, sync-free step, CUDA graphs on CUDA, prefix reuse) or "plain" (one
+        eager forward per token, as before; kept for comparison). graphs: see `decoding.FastDecoder`."""
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.info = info
         self.device = torch.device(info.device)
         self.dtype = next(model.llm.parameters()).dtype
+        self.decode = decode
+        self.fast = FastDecoder(model, graphs=graphs) if decode == "fast" else None
 
     # ---- image --------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -130,15 +132,16 @@ class Engine:
              settings: GenerationSettings) -> Iterator[str]:
         t0 = time.perf_counter()
         timings: dict[str, float] = dict(image.timings_ms)
-        embeds = self.model.embed_prompt(ids, image.image_tokens, self._region_vector(image, region, settings))
+        region_vector = self._region_vector(image, region, settings)
+        embeds = self.model.embed_prompt(ids, image.image_tokens, region_vector)
         decoder = self.tokenizer.streaming_decoder()
         if settings.force_answer is not None:
-            decoded = self._teacher_force(embeds, settings.force_answer)
+            decoded = self._teacher_force(image, ids, region_vector, embeds, settings.force_answer)
             timings["prefill"] = _ms(t0)
             tokens: Iterable[int] = decoded.ids
         else:
-            decoded = _Decoded()
-            tokens = self._generate(embeds, settings, decoded, timings)
+            decoded = Decoded()
+            tokens = self._generate(image, ids, region_vector, embeds, settings, decoded, timings)
         for tok in tokens:
             piece = decoder.push(tok)
             if piece:
@@ -160,56 +163,40 @@ class Engine:
             torch.manual_seed(settings.seed)  # the reference demo seeds right before randperm
         return pool_region(fmap, grid, max_points=self.config.max_sample_point)
 
-    def _teacher_force(self, embeds: torch.Tensor, answer: str) -> _Decoded:
+    def _teacher_force(self, image: ImageHandle, ids: list[int], region: torch.Tensor | None, embeds: torch.Tensor,
+                       answer: str) -> Decoded:
         """Feed prompt + forced answer + `</s>` in one causal pass, as training does."""
         forced = self.tokenizer.encode(answer, add_bos=False) + [self.tokenizer.eos_id]
+        if self.fast is not None:
+            decoded = self.fast.teacher_force(embeds, ids=ids, region=region, prefix=image._prefix, forced=forced)
+            image._prefix = decoded.prefix
+            return decoded
         extra = self.model.embed_ids(torch.tensor([forced[:-1]], device=self.device))
         hidden, _ = self.model.llm(torch.cat([embeds, extra], dim=1))
         start = embeds.shape[1] - 1  # the position that predicts forced[0]
         routing = self.model.llm.routing()
-        return _Decoded(
+        return Decoded(
             ids=forced,
             predicting_hidden=list(hidden[0, start:]),
             experts=[r[0, start:].tolist() for r in routing],
         )
 
-    def _generate(self, embeds: torch.Tensor, settings: GenerationSettings, out: _Decoded,
-                  timings: dict[str, float]) -> Iterator[int]:
-        """Greedy (temperature 0) or sampled decoding with a KV cache; yields each new id."""
-        llm = self.model.llm
+    def _generate(self, image: ImageHandle, ids: list[int], region: torch.Tensor | None, embeds: torch.Tensor,
+                  settings: GenerationSettings, out: Decoded, timings: dict[str, float]) -> Iterator[int]:
+        """Greedy (temperature 0) or sampled decoding; yields each new id as soon as it is on the host."""
         generator = None
         if settings.temperature > 0:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(settings.seed if settings.seed is not None else int(time.time_ns() % 2**31))
-        cache = llm.new_cache()
-        t0 = time.perf_counter()
-        hidden, _ = llm(embeds, cache=cache, start=0)
-        timings["prefill"] = _ms(t0)
-        t1 = time.perf_counter()
-        pos = embeds.shape[1]
-        out.experts = [[] for _ in llm.layers]
-        for _ in range(settings.max_new_tokens):
-            h_last = hidden[0, -1]
-            for layer, choice in enumerate(llm.routing()):
-                out.experts[layer].append(int(choice[0, -1]))
-            tok = self._next_token(self.model.logits(h_last), settings.temperature, generator)
-            out.ids.append(tok)
-            out.predicting_hidden.append(h_last)
-            yield tok
-            if tok == self.tokenizer.eos_id:
-                break
-            hidden, _ = llm(self.model.embed_ids(torch.tensor([[tok]], device=self.device)), cache=cache, start=pos)
-            pos += 1
-        timings["decode"] = _ms(t1)
+        common = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                      generator=generator, stop_id=self.tokenizer.eos_id, out=out, timings=timings)
+        if self.fast is None:
+            yield from plain_generate(self.model, embeds, **common)
+            return
+        yield from self.fast.generate(embeds, ids=ids, region=region, prefix=image._prefix, **common)
+        image._prefix = out.prefix
 
-    @staticmethod
-    def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
-        if temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=generator))
-
-    def _finish(self, image: ImageHandle, decoded: _Decoded, text: str, timings: dict[str, float],
+    def _finish(self, image: ImageHandle, decoded: Decoded, text: str, timings: dict[str, float],
                 t0: float) -> Answer:
         seg = self.tokenizer.seg_token_id
         mask = logits = low = None

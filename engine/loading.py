@@ -93,7 +93,7 @@ def build_model(config: MedPLIBConfig, folder: Path, *, device: str, dtype: torc
 
 
 def quantize(model: MedPLIBModel, mode: str, device: str) -> None:
-    """Swap the decoder's Linear layers for bitsandbytes 8-/4-bit ones (CUDA only)."""
+    """Swap the decoder's Linear layers for bitsandbytes 8-/4-bit ones (CUDA only), on the device."""
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, got {mode!r}")
     if not device.startswith("cuda"):
@@ -101,18 +101,23 @@ def quantize(model: MedPLIBModel, mode: str, device: str) -> None:
     try:
         import bitsandbytes as bnb  # noqa: F401
     except ImportError as err:
-        raise RuntimeError("8-bit/4-bit loading needs `pip install bitsandbytes` on a CUDA machine") from err
+        raise RuntimeError("8-bit/4-bit loading needs bitsandbytes: `pip install -r requirements-cuda.txt`") from err
     from engine.quantize import quantize_decoder
 
-    quantize_decoder(model.llm, mode)
+    compute = model.lm_head.weight.dtype
+    n = quantize_decoder(model.llm, mode, compute_dtype=compute if compute != torch.float32 else torch.bfloat16)
+    log.info("quantised %d decoder Linear layers to %s", n, mode)
 
 
 def load_engine(model: str | Path | None = None, *, device: str | None = None, dtype: str | torch.dtype | None = None,
-                revision: str | None = None, quantization: str | None = None, postprocess: str | None = None):
+                revision: str | None = None, quantization: str | None = None, postprocess: str | None = None,
+                decode: str = "fast", graphs: str = "auto"):
     """Load a MedPLIB checkpoint in the released layout and return an `Engine`.
 
     model: None (the shipped small model), a checkpoint folder, or a hub id such as "Huangxs/MedPLIB-7b-2e".
     postprocess: "medplib" (the released slice quirk), "crop" (corrected), or None for the model's own default.
+    decode: "fast" (static cache, host-sync-free step, prefix reuse; CUDA graphs on CUDA) or "plain" (one eager
+    forward per token, the reference loop). graphs: "auto", "cuda-graph", "compile" or "none" (fast only).
     """
     from engine.inference import Engine
 
@@ -135,4 +140,4 @@ def load_engine(model: str | Path | None = None, *, device: str | None = None, d
         n_experts=config.moe.num_experts,
         is_demo_model=config.demo_model,
     )
-    return Engine(model=net, tokenizer=tokenizer, config=config, info=info)
+    return Engine(model=net, tokenizer=tokenizer, config=config, info=info, decode=decode, graphs=graphs)

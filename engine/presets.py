@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
-from engine.config import LlamaSizes, MedPLIBConfig, MoESizes, released_config_dict
+from engine.config import CLIP_L14_336, LlamaSizes, MedPLIBConfig, MoESizes, released_config_dict
 from engine.modeling.medplib import MedPLIBModel
 from engine.modeling.sam_med2d import SamMed2DConfig
 from engine.tokenizer import save_tokenizer_folder
 from engine.weights import save_released
 
 CLIP_FOLDER_NAME = "clip-vision-tower"  # the folder `mm_vision_tower` names inside our checkpoints
+RELEASED_VOCAB_SIZE = 32267  # Vicuna's 32000 + MedPLIB's added tokens (reference/medplib.md)
 
 
 def tiny_config(*, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, clip_hidden: int = 32,
@@ -38,6 +39,35 @@ def tiny_config(*, vocab_size: int, hidden: int = 64, layers: int = 2, heads: in
         out_dim=sam_dim,
         demo_model=demo_model,
     )
+
+
+def released_config() -> MedPLIBConfig:
+    """MedPLIB-7b-2e's exact shapes: Vicuna-7B (4096/11008, 32 layers, 32 heads), 2 experts per layer, CLIP
+    ViT-L/14-336, SAM-Med2D ViT-B at 256 px, out_dim 256. For benchmarks with random weights."""
+    return MedPLIBConfig(
+        llm=LlamaSizes(vocab_size=RELEASED_VOCAB_SIZE, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                       num_heads=32, num_kv_heads=32),
+        moe=MoESizes(num_experts=2, top_k=1, moe_layers=tuple(range(32))),
+        clip=dict(CLIP_L14_336),
+        sam=SamMed2DConfig(),
+        mm_hidden_size=CLIP_L14_336["hidden_size"],
+        out_dim=256,
+    )
+
+
+def random_model_on(config: MedPLIBConfig, *, device: str, dtype: torch.dtype, seed: int = 0) -> MedPLIBModel:
+    """Random weights created directly on `device` in `dtype` (router fp32), never copied through host memory."""
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = MedPLIBModel(config)
+    finally:
+        torch.set_default_dtype(previous)
+    for layer in model.llm.layers:
+        layer.mlp.router.float()
+    return model.eval()
 
 
 def random_model(config: MedPLIBConfig, *, seed: int = 0) -> MedPLIBModel:

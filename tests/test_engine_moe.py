@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from engine.modeling.moe import Top1MoE
 
@@ -53,3 +54,42 @@ def test_an_unused_expert_is_skipped() -> None:
     moe.experts[1].register_forward_hook(lambda *_: calls.append(1))
     moe(torch.tensor([[[5.0, 0, 0, 0]]]))
     assert calls == []
+
+
+def test_step_picks_the_expert_on_the_device_and_matches_forward() -> None:
+    moe = _moe()
+    assert moe.stack_experts()
+    x = torch.tensor([[5.0, 0, 1.0, 0]])  # expert 0
+    for path in ("gather", "grouped", "select"):
+        y, choice = moe.step(x, path)
+        assert choice.tolist() == [0]
+        torch.testing.assert_close(y, moe(x[None])[0])
+    y, choice = moe.step(torch.tensor([[0.0, 5.0, 0, 1.0]]), "gather")
+    assert choice.tolist() == [1]
+
+
+def test_stacking_keeps_the_expert_weights_without_copying_them() -> None:
+    moe = _moe()
+    before = [e.up_proj.weight.clone() for e in moe.experts]
+    moe.stack_experts()
+    for e, expert in enumerate(moe.experts):
+        assert torch.equal(expert.up_proj.weight, before[e])
+        assert expert.up_proj.weight.data_ptr() == moe._stacked[1][e].data_ptr()
+
+
+def test_swapped_expert_layers_are_restacked_not_stale() -> None:
+    """Bug: stacked weights made before quantisation (or any swap of the experts' Linears) were still used by
+    `step`, which then ignored the new layers. `stack_experts` now checks the views and stacks again."""
+    moe = _moe()
+    moe.stack_experts()
+    torch.manual_seed(1)
+    moe.experts[0].gate_proj = nn.Linear(4, 8, bias=False)
+    assert moe.stack_experts()
+    x = torch.tensor([[5.0, 0, 1.0, 0]])
+    torch.testing.assert_close(moe.step(x, "gather")[0], moe(x[None])[0])
+    moe.experts[1].down_proj = SubclassedLinear(8, 4, bias=False)  # e.g. a quantised layer
+    assert not moe.stack_experts() and moe._stacked is None
+
+
+class SubclassedLinear(nn.Linear):
+    pass
