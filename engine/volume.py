@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,26 +101,35 @@ def segment_label(question: str) -> str:
     return text[:64] or "segment"
 
 
+def iter_slice_masks(
+    engine: Any, n: int, slice_rgb: Callable[[int], np.ndarray], question: str, *, key: Hashable,
+    cache: SliceCache | None = None, settings: Any = None,
+) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
+    """Yield (index, (H, W) bool mask) for slices 0..n-1, the answer forced to `<SEG>`; stop iterating to cancel."""
+    from engine.results import GenerationSettings
+
+    settings = settings or GenerationSettings(max_new_tokens=8, force_answer=FORCED_SEG)
+    cache = cache or SliceCache(max_entries=1)
+    for index in range(n):
+        handle = cache.handle(engine, (key, index), lambda i=index: slice_rgb(i))
+        answer = engine.ask(handle, question, settings=settings)
+        plane = answer.mask if answer.mask is not None else np.zeros(slice_rgb(index).shape[:2], bool)
+        yield index, np.asarray(plane, bool)
+
+
 def segment_slices(
     engine: Any, n: int, slice_rgb: Callable[[int], np.ndarray], question: str, *, key: Hashable,
     cache: SliceCache | None = None, progress: Progress | None = None, settings: Any = None,
 ) -> tuple[list[np.ndarray], float]:  # fmt: skip
     """Masks ((H, W) bool) of slices 0..n-1 and the mean seconds per slice; Cancelled when told to stop."""
-    from engine.results import GenerationSettings
-
-    settings = settings or GenerationSettings(max_new_tokens=8, force_answer=FORCED_SEG)
-    cache = cache or SliceCache(max_entries=1)
     masks: list[np.ndarray] = []
     start = time.perf_counter()
-    for index in range(n):
-        if progress is not None and progress(index, n) is False:
-            raise Cancelled(index, n)
-        handle = cache.handle(engine, (key, index), lambda i=index: slice_rgb(i))
-        answer = engine.ask(handle, question, settings=settings)
-        plane = answer.mask if answer.mask is not None else np.zeros(slice_rgb(index).shape[:2], bool)
-        masks.append(np.asarray(plane, bool))
-    if progress is not None:
-        progress(n, n)
+    if progress is not None and progress(0, n) is False:
+        raise Cancelled(0, n)
+    for index, mask in iter_slice_masks(engine, n, slice_rgb, question, key=key, cache=cache, settings=settings):
+        masks.append(mask)
+        if progress is not None and progress(index + 1, n) is False and index + 1 < n:
+            raise Cancelled(index + 1, n)
     return masks, (time.perf_counter() - start) / max(n, 1)
 
 
@@ -131,23 +140,68 @@ def segment_nifti(
     """Segment every `plane` slice of a NIfTI volume; the mask has the file's shape (3-D) and affine."""
     import nibabel as nib
 
-    from engine.imageio import n_slices, read_image, to_rgb
+    from engine.imageio import read_image
 
     image = read_image(path)
     if image.kind != "nifti":
         raise VolumeError(f"{Path(path).name} is not NIfTI; use a NIfTI volume or a DICOM series")
+    source = nib.load(str(path))
+    return segment_loaded_nifti(
+        engine, image, np.asarray(source.affine, float), question, plane=plane, key=str(path), cache=cache,
+        progress=progress,
+    )  # fmt: skip
+
+
+def segment_loaded_nifti(
+    engine: Any, image: Any, source_affine: np.ndarray, question: str, *, plane: str = "axial",
+    key: Hashable = "volume", cache: SliceCache | None = None, progress: Progress | None = None,
+) -> VolumeMask:  # fmt: skip
+    """As `segment_nifti`, for an `engine.imageio.LoadedImage` already read and its file's affine."""
+    from engine.imageio import n_slices, to_rgb
+
     n = n_slices(image, plane)
     masks, per_slice = segment_slices(
-        engine, n, lambda i: to_rgb(image, i, plane), question, key=(str(path), plane), cache=cache, progress=progress
+        engine, n, lambda i: to_rgb(image, i, plane), question, key=(key, plane), cache=cache, progress=progress
     )
-    canonical = assemble_ras(masks, image.volume.shape[:3], plane)
-    source = nib.load(str(path))
-    mask = from_canonical(canonical, source)
-    zooms = [float(z) for z in source.header.get_zooms()[:3]]
+    return nifti_result(masks, image.volume.shape[:3], source_affine, plane, question, per_slice)
+
+
+def nifti_result(masks: list[np.ndarray], ras_shape: tuple[int, ...], source_affine: np.ndarray, plane: str,
+                 question: str, per_slice: float) -> VolumeMask:  # fmt: skip
+    """Slice masks of a RAS+ volume → a VolumeMask in the source file's voxel order with its affine."""
+    mask = from_canonical(assemble_ras(masks, ras_shape, plane), source_affine)
+    zooms = np.sqrt((np.asarray(source_affine)[:3, :3] ** 2).sum(axis=0))
     return VolumeMask(
-        mask=mask, affine=np.asarray(source.affine, float), voxel_ml=float(np.prod(zooms)) / 1000.0,
-        n_slices=n, slices_with_mask=sum(bool(m.any()) for m in masks), seconds_per_slice=per_slice,
+        mask=mask, affine=np.asarray(source_affine, float), voxel_ml=float(np.prod(zooms)) / 1000.0,
+        n_slices=len(masks), slices_with_mask=sum(bool(m.any()) for m in masks), seconds_per_slice=per_slice,
         plane=plane, label=segment_label(question),
+    )  # fmt: skip
+
+
+def segment_frames(
+    engine: Any, image: Any, question: str, *, header: Any = None, key: Hashable = "frames",
+    cache: SliceCache | None = None, progress: Progress | None = None,
+) -> VolumeMask:  # fmt: skip
+    """Every frame of a loaded multi-frame DICOM (or photo stack): an (F, H, W) mask on its grid."""
+    from engine.imageio import to_rgb
+
+    masks, per_slice = segment_slices(
+        engine, image.n_frames, lambda i: to_rgb(image, i), question, key=key, cache=cache, progress=progress
+    )
+    return frames_result(masks, per_slice, header, question)
+
+
+def frames_result(masks: list[np.ndarray], per_slice: float, header: Any, question: str) -> VolumeMask:
+    spacing = None if header is None else header.get("PixelSpacing")
+    thickness = None if header is None else (header.get("SpacingBetweenSlices") or header.get("SliceThickness"))
+    voxel_ml, grid = None, (1.0, 1.0, 1.0)
+    if spacing and thickness:
+        grid = (float(spacing[0]), float(spacing[1]), float(thickness))
+        voxel_ml = float(np.prod(grid)) / 1000.0
+    return VolumeMask(
+        mask=np.stack(masks), affine=None, voxel_ml=voxel_ml, n_slices=len(masks),
+        slices_with_mask=sum(bool(m.any()) for m in masks), seconds_per_slice=per_slice, plane="acquired",
+        label=segment_label(question), spacing_mm=grid,
     )  # fmt: skip
 
 
@@ -167,12 +221,12 @@ def assemble_ras(masks: list[np.ndarray], shape: tuple[int, ...], plane: str) ->
     return volume
 
 
-def from_canonical(canonical: np.ndarray, source: Any) -> np.ndarray:
-    """A RAS+ (closest canonical) array → the voxel order of the `source` nibabel image (3-D)."""
+def from_canonical(canonical: np.ndarray, source_affine: np.ndarray) -> np.ndarray:
+    """A RAS+ (closest canonical) array → the voxel order of the file whose affine is `source_affine`."""
     import nibabel as nib
 
     ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
-    own = nib.orientations.io_orientation(source.affine)
+    own = nib.orientations.io_orientation(np.asarray(source_affine))
     transform = nib.orientations.ornt_transform(ras, own)
     return nib.orientations.apply_orientation(canonical, transform).astype(bool)
 
@@ -196,19 +250,7 @@ def segment_dicom(
     masks, per_slice = segment_slices(
         engine, len(frames), lambda i: frames[i](), question, key=str(path), cache=cache, progress=progress
     )
-    stack = np.stack(masks)
-    first = sources[0]
-    spacing = first.get("PixelSpacing")
-    thickness = first.get("SpacingBetweenSlices") or first.get("SliceThickness")
-    voxel_ml, grid = None, (1.0, 1.0, 1.0)
-    if spacing and thickness:
-        grid = (float(spacing[0]), float(spacing[1]), float(thickness))
-        voxel_ml = float(np.prod(grid)) / 1000.0
-    result = VolumeMask(
-        mask=stack, affine=None, voxel_ml=voxel_ml, n_slices=len(frames),
-        slices_with_mask=sum(bool(m.any()) for m in masks), seconds_per_slice=per_slice, plane="acquired",
-        label=segment_label(question), spacing_mm=grid,
-    )  # fmt: skip
+    result = frames_result(masks, per_slice, sources[0], question)
     return result, sources
 
 

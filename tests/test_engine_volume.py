@@ -44,7 +44,7 @@ def test_slice_masks_go_back_to_the_source_grid(lps_volume: Path, plane: str) ->
 
     masks = [slice_nifti(image, plane, i) > 100 for i in range(n_slices(image, plane))]
     source = nib.load(str(lps_volume))
-    mask = from_canonical(assemble_ras(masks, image.volume.shape, plane), source)
+    mask = from_canonical(assemble_ras(masks, image.volume.shape, plane), source.affine)
     assert mask.shape == source.shape and np.array_equal(mask, source.get_fdata() > 100)
 
 
