@@ -274,6 +274,7 @@ class AskTabInputs:
 
     upload: gr.File
     question: gr.Textbox
+    session: gr.State | None = None  # the AskSession state (read by portal.ask_extras)
 
 
 def build_ask_tab(ctx: PortalContext) -> AskTabInputs:
@@ -312,7 +313,7 @@ def build_ask_tab(ctx: PortalContext) -> AskTabInputs:
     )
     _wire_regions(h, session, region)
     _wire_talk(ctx, h, session, region, talk)
-    return AskTabInputs(upload=view["upload"], question=talk["question"])
+    return AskTabInputs(upload=view["upload"], question=talk["question"], session=session)
 
 
 def _image_controls(ctx: PortalContext) -> dict[str, Any]:

@@ -142,3 +142,4 @@ DRAFT_SAVED = "Saved unpublished draft **#{id}** ({slug}); finish and publish it
 DRAFT_LICENCE = "unspecified: set the licence before publishing"
 NIFTI_4D_NOTE = "4-D NIfTI: only the first volume (of {n}) is shown and segmented."
 SLICE_LABEL_NIFTI = "Slice"
+CLASS_TAB = "Class sessions"
