@@ -102,7 +102,7 @@ def _list(store: CaseStore, args: argparse.Namespace) -> None:
     for c in cases:
         flag = "" if c.published else "  [unpublished]"
         print(f"{c.id:4d}  {c.modality:<24} {c.anatomy:<14} {c.title}{flag}")
-    print(f"{len(cases)} cases")
+    print(f"{len(cases)} case{'' if len(cases) == 1 else 's'}")
 
 
 def _show(store: CaseStore, args: argparse.Namespace) -> None:

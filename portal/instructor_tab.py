@@ -328,7 +328,8 @@ def build_instructor_tab(ctx: Any) -> None:
         password = gr.Textbox(label="Password", type="password", elem_id="instructor-password")
         login, logout = gr.Button("Log in", variant="primary"), gr.Button("Log out")
     status = gr.Markdown(LOGGED_OUT)
-    with gr.Accordion("Library cases", open=True):
+    editor_area = gr.Column(visible=False, elem_id="instructor-editor")  # only after a login (issue 21)
+    with editor_area, gr.Accordion("Library cases", open=True):
         menu = gr.Dropdown([], label="Case (unpublished included)")
         with gr.Row():
             load, publish_btn, unpublish_btn = (
@@ -338,7 +339,7 @@ def build_instructor_tab(ctx: Any) -> None:
             )
             delete, export = gr.Button("Delete", variant="stop"), gr.Button("Export quiz results (CSV)")
         csv_file = gr.File(label="Quiz results", interactive=False)
-    with gr.Accordion("New case / edit", open=True):
+    with editor_area, gr.Accordion("New case / edit", open=True):
         with gr.Row():
             file = gr.File(
                 label="Image: PNG, JPEG, DICOM or NIfTI",
@@ -364,8 +365,10 @@ def build_instructor_tab(ctx: Any) -> None:
                 gr.Button("Save as new case", variant="primary"),
                 gr.Button("Save changes to the edited case"),
             )
-    login.click(h.login, [username, password], [session, status, password, menu])
-    logout.click(h.logout, session, [session, status, menu])
+    login.click(h.login, [username, password], [session, status, password, menu]).success(
+        lambda: gr.update(visible=True), None, editor_area
+    )
+    logout.click(h.logout, session, [session, status, menu]).then(lambda: gr.update(visible=False), None, editor_area)
     read.click(h.read, [file, plane_in, index, preset], [upload, editor, note])
     common = [upload, editor, mask_file, publish, reviewed, *fields]
     save_new.click(lambda s, *a: h.save(s, None, *a), [session, *common], [status, menu])
