@@ -317,8 +317,9 @@ def _instructor_section(h: ClassHandlers, store: CaseStore, instructor: gr.State
         show = gr.Button("Dashboard and CSV", variant="primary", elem_id="class-dashboard")
     summary = gr.Markdown(elem_id="class-summary")
     with gr.Row():
-        share, overlap = gr.Plot(label="Share correct"), gr.Plot(label="Dice / IoU")
-    progress = gr.Plot(label="Progress per student")
+        share = gr.Plot(label="Share correct", elem_id="class-share")
+        overlap = gr.Plot(label="Dice / IoU", elem_id="class-overlap")
+    progress = gr.Plot(label="Progress per student", elem_id="class-progress")
     wrong = gr.Dataframe(headers=["question", "wrong answer", "count"], label="Most common wrong answers",
                          interactive=False, elem_id="class-wrong")  # fmt: skip
     csv_file = gr.File(label="Results CSV", interactive=False, elem_id="class-csv")

@@ -104,6 +104,8 @@ def test_create_20_students_answer_dashboard_and_csv(classroom) -> None:
         arg=n_wrong,
     )
     teacher.locator("#class-csv a").first.wait_for()
+    for plot in ("#class-share", "#class-progress"):
+        teacher.locator(f"{plot} .js-plotly-plot").first.wait_for()
     (REPO / "test-artifacts").mkdir(exist_ok=True)
     (REPO / "test-artifacts" / "class_dashboard.png").write_bytes(teacher.screenshot(full_page=True))
     with teacher.expect_download() as download:
