@@ -119,3 +119,20 @@ def test_the_progress_plot_shows_whole_attempts() -> None:
     fig = progress_figure((("#1 closed", None, True), ("#1 segmentation", 0.7, None)))
     axis = fig.layout.xaxis
     assert axis.dtick == 1 and axis.tick0 == 1 and axis.tickformat == "d"
+
+
+@needs_assets
+def test_the_quiz_marks_grey_matter_wrong_and_shows_the_reference(tmp_path: Path) -> None:
+    """Issue 21: 'grey matter' got the neutral 'compare your answer with the reference'."""
+    from portal.quiz_tab import QuizHandlers, QuizState
+
+    store = CaseStore(str(tmp_path / "quiz.sqlite"))
+    case = store.get_case("starter-mri-mni152-axial-069-brain")
+    opened = next(q for q in case.questions if q.kind == "open")
+    h = QuizHandlers(store)
+    state = h.choose_question(opened.id, h.start(case.id, QuizState())[0])[0]
+    wrong = h.submit(None, "grey matter", None, "course-1", None, state)[2]
+    assert "❌ wrong" in wrong and "**Reference answer:** white matter" in wrong
+    state = h.choose_question(opened.id, state)[0]
+    right = h.submit(None, "White matter is brighter", None, "course-1", None, state)[2]
+    assert "✅ correct" in right

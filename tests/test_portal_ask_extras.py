@@ -112,3 +112,28 @@ def test_save_as_case_draft_is_for_instructors(parts, store: CaseStore) -> None:
     assert np.array_equal(case.images[0].mask("bone").array(), session.answer.mask)
     assert store.model_outputs(question.id)[0].answer == session.answer.text
     assert texts.DRAFT_SAVED.split("**")[0] in note
+
+
+def test_cancel_stops_between_slices(parts, tmp_path: Path) -> None:
+    """Cancel closes the handler's generator (what Gradio does on `cancels=`): no slice after that is computed."""
+    handlers, extras = parts
+    path = tmp_path / "c.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((24, 24, 8), np.float32), np.eye(4)), str(path))
+    session = handlers.load(str(path), False)[0]
+    calls = []
+    engine = extras.ctx.engine
+    original = engine.set_image
+
+    def counting(rgb):
+        calls.append(1)
+        return original(rgb)
+
+    engine.set_image = counting
+    try:
+        running = extras.segment_volume(session, read_source(str(path)), "Please segment the x.", None,
+                                        progress=_NoProgress())  # fmt: skip
+        first = [next(running), next(running)]
+        running.close()
+    finally:
+        engine.set_image = original
+    assert "slice 2 of 8" in first[1][0] and len(calls) == 2
