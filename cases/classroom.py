@@ -23,6 +23,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from cases.convert import question_record
 from cases.errors import CaseNotFound, InvalidCaseData, PermissionDenied
 from cases.marking import CORRECT, PARTLY, WRONG, normalise
 from cases.models import (
@@ -34,7 +35,7 @@ from cases.models import (
     Question,
     utc_now,
 )
-from cases.records import AttemptRecord, InstructorSession
+from cases.records import AttemptRecord, InstructorSession, QuestionRecord
 from cases.store import STUDENT_ID_PATTERN, CaseStore
 
 CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: codes are read aloud and typed
@@ -238,6 +239,22 @@ class Classroom:
             db.add(ClassSessionAnswer(session_id=session_id, student_id=student_id, attempt_id=attempt.id,
                                       question_id=question_id, verdict=attempt.verdict))  # fmt: skip
         return attempt
+
+    def question(self, question_id: int, *, published_only: bool = True) -> QuestionRecord:
+        """One question by id in one query (published cases only unless told otherwise)."""
+        with self.store._reading() as db:
+            row = db.get(Question, int(question_id))
+            if row is None or (published_only and not row.case.published):
+                raise CaseNotFound(f"no published question {question_id}")
+            return question_record(row)
+
+    def session_questions(self, code: str) -> tuple[QuestionRecord, ...]:
+        """The questions of a session in quiz order (what a joined student sees)."""
+        with self.store._reading() as db:
+            row = self._by_code(db, code)
+            ids = [item.question_id for item in row.items]
+            found = {q.id: q for q in db.scalars(select(Question).where(Question.id.in_(ids)))}
+            return tuple(question_record(found[q]) for q in ids if q in found)
 
     # ------------------------------------------------------------------------------------- helpers
 

@@ -39,7 +39,7 @@ class StudentState:
     started: float = 0.0
 
 
-def _question_label(case_title: str, kind: str, prompt: str, k: int) -> str:
+def _question_label(kind: str, prompt: str, k: int) -> str:
     return f"{k + 1}. {kind}: {prompt}"
 
 
@@ -125,17 +125,15 @@ class ClassHandlers:
         if session is None or case_id is None:
             return gr.update(choices=[], value=None)
         case = self.store.get_case(int(case_id), session)
-        choices = [(_question_label(case.title, q.kind, q.prompt, k), q.id) for k, q in enumerate(case.questions)
+        choices = [(_question_label(q.kind, q.prompt, k), q.id) for k, q in enumerate(case.questions)
                    if q.kind != "segmentation"]  # fmt: skip
         return gr.update(choices=choices, value=choices[0][1] if choices else None)
 
     def _question(self, question_id: int, session: Any) -> Any:
-        for summary in self.store.list_cases(include_unpublished=True):
-            case = self.store.get_case(summary.id, session)
-            for question in case.questions:
-                if question.id == question_id:
-                    return question
-        raise gr.Error(f"no question {question_id}")
+        try:
+            return self.room.question(question_id, published_only=False)
+        except CaseStoreError as err:
+            raise gr.Error(str(err)) from err
 
     # ---- students --------------------------------------------------------------------------------
     def join(self, code: str, pseudonym: str, state: StudentState) -> tuple:
@@ -148,21 +146,17 @@ class ClassHandlers:
         return new, note, gr.update(choices=self._choices(new, record.question_ids), value=None)
 
     def _choices(self, state: StudentState, question_ids: tuple[int, ...]) -> list[tuple[str, int]]:
+        """The session's questions, those already answered ticked (two queries, whatever the library size)."""
         done = self.room.answered(state.code, state.pseudonym)
-        out = []
-        for k, qid in enumerate(question_ids):
-            question, _case = self._public_question(qid)
-            mark = " ✓" if qid in done else ""
-            out.append((f"{k + 1}. {question.kind}: {question.prompt}{mark}", qid))
-        return out
+        return [(f"{k + 1}. {q.kind}: {q.prompt}{' ✓' if q.id in done else ''}", q.id)
+                for k, q in enumerate(self.room.session_questions(state.code))]  # fmt: skip
 
     def _public_question(self, question_id: int) -> tuple[Any, Any]:
-        for summary in self.store.list_cases():
-            case = self.store.get_case(summary.id)
-            for question in case.questions:
-                if question.id == question_id:
-                    return question, case
-        raise gr.Error(f"question {question_id} is no longer published")
+        try:
+            question = self.room.question(question_id)
+            return question, self.store.get_case(question.case_id)
+        except CaseStoreError as err:
+            raise gr.Error(str(err)) from err
 
     def choose(self, question_id: int | None, state: StudentState) -> tuple:
         if question_id is None or not state.code:
