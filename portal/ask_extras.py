@@ -48,11 +48,10 @@ class SourceInfo:
     kind: str
     dicom: Any = None
     nifti_affine: np.ndarray | None = None
-    n_volumes: int = 1
 
 
 def read_source(path: str | None) -> SourceInfo | None:
-    """Header facts of an upload (DICOM header, NIfTI affine and 4-D count); None for photos or nothing."""
+    """Header facts of an upload (DICOM header without pixels, NIfTI affine); None for photos or nothing."""
     if not path:
         return None
     try:
@@ -64,9 +63,7 @@ def read_source(path: str | None) -> SourceInfo | None:
         if kind == "nifti":
             import nibabel as nib
 
-            image = nib.load(path)
-            volumes = int(image.shape[3]) if len(image.shape) == 4 else 1
-            return SourceInfo("nifti", nifti_affine=np.asarray(image.affine, float), n_volumes=volumes)
+            return SourceInfo("nifti", nifti_affine=np.asarray(nib.load(path).affine, float))
     except (OSError, ValueError) as err:  # the Ask tab's own reader reports unreadable files
         logger.info("no source header for the upload: %s", err)
     return None
