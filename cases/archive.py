@@ -1,9 +1,10 @@
-"""Export and import of case archives: a zip with `manifest.json` and PNG images/masks.
+"""Export and import of case archives: a zip of case folders (the cases.casefolder format) + a manifest.
 
-Layout (schema version 1):
-    manifest.json                 {"schema_version": 1, "format": "medplib-cases", "cases": [...]}
-    cases/<slug>/image-<i>.png    (H, W, 3) RGB
-    cases/<slug>/image-<i>--mask-<j>.png, question-<k>--region.png, question-<k>--output-<m>.png
+Layout (schema version 2):
+    manifest.json                 {"schema_version": 2, "format": "medplib-cases", "cases": ["cases/<slug>", ...]}
+    cases/<slug>/case.json        the case file, exactly as in a library folder (one schema, one reader)
+    cases/<slug>/image-<i>.png    (H, W, 3) RGB; image-<i>--mask-<j>.png (+ .nii.gz with nifti_masks),
+                                  question-<k>--region.png, question-<k>--output-<m>.png
 
 Import validates everything (schema version, files present, sizes, duplicate slugs) before one
 all-or-nothing transaction, so a rejected archive writes nothing. Reading is held to an `ArchiveBudget`:
@@ -14,38 +15,29 @@ pixel is decoded, so reference-amplified bundles are refused early. Quiz attempt
 
 from __future__ import annotations
 
-import datetime as dt
 import json
+import struct
 import zipfile
+import zlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cases.casefolder import CASE_FILE, draft_from_entry, dump_entry, entry_from_record, safe_relative
 from cases.errors import UNTRUSTED_INPUT_ERRORS, ArchiveError, CaseStoreError, DuplicateCase, InvalidCaseData
-from cases.imaging import decode_mask, decode_rgb, open_checked
-from cases.records import (
-    CaseDraft,
-    CaseRecord,
-    ImageDraft,
-    InstructorSession,
-    MaskDraft,
-    ModelOutputDraft,
-    QuestionDraft,
-)
+from cases.imaging import open_checked
+from cases.records import CaseDraft, InstructorSession
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one case.json per folder (cases.casefolder)
 FORMAT_NAME = "medplib-cases"
 MANIFEST = "manifest.json"
 MAX_MEMBER_BYTES = 32 * 1024 * 1024  # per zip member, counted while inflating (never the header's size)
 MAX_ARCHIVE_MEMBERS = 20_000
 READ_CHUNK = 1 << 20
+NIFTI_HEADER_BYTES = 348
 HEADER_BYTES = 64 * 1024  # image headers (PNG IHDR, JPEG SOF) must lie in a member's first 64 KiB
-CASE_TEXT_FIELDS = (
-    "title", "modality", "anatomy", "plane", "difficulty", "vignette", "findings", "discussion",
-    "window_preset", "source", "provenance", "licence", "synthetic",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -61,8 +53,13 @@ class ArchiveBudget:
     max_cases: int = 2_000
 
 
-def export_archive(store: Any, session: InstructorSession, out: Path, cases: Iterable[int | str] = ()) -> int:
-    """Write the chosen cases (default: all, unpublished included) to `out`; returns the case count."""
+def export_archive(
+    store: Any, session: InstructorSession, out: Path, cases: Iterable[int | str] = (), *, nifti_masks: bool = False
+) -> int:
+    """Write the chosen cases (default: all, unpublished included) to `out`; returns the case count.
+
+    nifti_masks: also carry every reference mask as NIfTI (`.nii.gz`, pixel spacing as voxel size).
+    """
     ids = list(cases) or [c.id for c in store.list_cases(include_unpublished=True)]
     records = [store.get_case(case_id, session) for case_id in ids]
     out = Path(out)
@@ -72,60 +69,17 @@ def export_archive(store: Any, session: InstructorSession, out: Path, cases: Ite
     manifest = {"schema_version": SCHEMA_VERSION, "format": FORMAT_NAME, "cases": []}
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as archive:
         for record in records:
+            folder = f"cases/{record.summary.slug}"
             outputs = {q.id: store.model_outputs(q.id) for q in record.questions}
-            manifest["cases"].append(_write_case(archive, record, outputs))
+            entry = entry_from_record(
+                record, outputs, lambda name, data, f=folder: archive.writestr(f"{f}/{name}", data),
+                nifti_masks=nifti_masks,
+            )  # fmt: skip
+            archive.writestr(f"{folder}/{CASE_FILE}", dump_entry(entry))
+            manifest["cases"].append(folder)
         archive.writestr(MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
     store.log_action(session, "export_archive", f"{len(records)} cases to {out.name}")
     return len(records)
-
-
-def _write_case(archive: zipfile.ZipFile, record: CaseRecord, outputs: Mapping[int, Any]) -> dict[str, Any]:
-    folder = f"cases/{record.summary.slug}"
-    entry: dict[str, Any] = {name: getattr(record, name, None) for name in CASE_TEXT_FIELDS}
-    entry.update(
-        slug=record.summary.slug, title=record.title, modality=record.summary.modality,
-        anatomy=record.summary.anatomy, plane=record.summary.plane, difficulty=record.summary.difficulty,
-        key_points=list(record.key_points), tags=list(record.summary.tags), published=record.summary.published,
-        burned_in_review_required=record.summary.burned_in_review.required,
-        burned_in_reviewed=record.summary.burned_in_review.reviewed_by is not None, images=[], questions=[],
-    )  # fmt: skip
-    for i, image in enumerate(record.images):
-        archive.writestr(f"{folder}/image-{i}.png", image.png)
-        masks = []
-        for j, mask in enumerate(image.masks):
-            archive.writestr(f"{folder}/image-{i}--mask-{j}.png", mask.png)
-            masks.append({"label": mask.label, "file": f"{folder}/image-{i}--mask-{j}.png"})
-        entry["images"].append(
-            {"file": f"{folder}/image-{i}.png", "description": image.description,
-             "spacing_mm": None if image.spacing_mm is None else list(image.spacing_mm), "masks": masks}
-        )  # fmt: skip
-    for k, question in enumerate(record.questions):
-        entry["questions"].append(_question_entry(archive, folder, k, question, outputs.get(question.id, ())))
-    return entry
-
-
-def _question_entry(
-    archive: zipfile.ZipFile, folder: str, k: int, question: Any, outputs: Any
-) -> dict[str, Any]:
-    region = None
-    if question.region_png is not None:
-        region = f"{folder}/question-{k}--region.png"
-        archive.writestr(region, question.region_png)
-    saved = []
-    for m, output in enumerate(reversed(outputs)):  # oldest first, so re-import keeps the order
-        mask = None
-        if output.mask_png is not None:
-            mask = f"{folder}/question-{k}--output-{m}.png"
-            archive.writestr(mask, output.mask_png)
-        saved.append(
-            {"model_id": output.model_id, "revision": output.revision, "parameters": dict(output.parameters),
-             "answer": output.answer, "mask_file": mask, "created_at": output.created_at.isoformat()}
-        )  # fmt: skip
-    return {
-        "kind": question.kind, "prompt": question.prompt, "reference_answer": question.reference_answer,
-        "synonyms": list(question.synonyms), "choices": list(question.choices),
-        "target_label": question.target_label, "region_file": region, "model_outputs": saved,
-    }  # fmt: skip
 
 
 def read_archive(path: Path, budget: ArchiveBudget | None = None) -> tuple[CaseDraft, ...]:
@@ -143,8 +97,9 @@ def read_archive(path: Path, budget: ArchiveBudget | None = None) -> tuple[CaseD
         with zipfile.ZipFile(path) as archive:
             reader = _BudgetReader(archive, budget)
             manifest = _manifest(reader)
-            reader.plan(manifest["cases"])  # headers only: refuse before decoding past the budget
-            return tuple(_case_draft(reader, entry) for entry in manifest["cases"])
+            entries = [(folder, _case_entry(reader, folder)) for folder in manifest["cases"]]
+            reader.plan(entries)  # headers only: refuse before decoding past the budget
+            return tuple(_case_draft(reader, folder, entry) for folder, entry in entries)
     except zipfile.BadZipFile as error:
         raise ArchiveError(f"{path} is not a readable zip archive: {error}") from None
     except ArchiveError as error:
@@ -187,8 +142,8 @@ def _manifest(reader: _BudgetReader) -> dict[str, Any]:
             f"program reads {FORMAT_NAME!r} version {SCHEMA_VERSION} (re-export it with a matching version)"
         )
     cases = manifest.get("cases")
-    if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
-        raise ArchiveError("manifest has no 'cases' list of objects")
+    if not isinstance(cases, list) or not all(isinstance(c, str) for c in cases):
+        raise ArchiveError("manifest has no 'cases' list of case folder names")
     if len(cases) > reader.budget.max_cases:
         raise ArchiveError(f"archive holds {len(cases)} cases; the limit is {reader.budget.max_cases}")
     return manifest
@@ -215,17 +170,20 @@ def check_json_depth(raw: bytes, max_depth: int) -> None:
             depth -= 1
 
 
-def member_references(cases: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(member name, 'image' | 'mask') for every file the manifest names, once per reference."""
+def member_references(entries: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, str]]:
+    """(member name, 'image' | 'mask' | 'nifti') for every file the case files name and the reader will
+    read (a mask's PNG when it has one, else its NIfTI), once per reference."""
     refs: list[tuple[str, str]] = []
-    for entry in cases:
+    for folder, entry in entries:
+        names: list[tuple[str, str]] = []
         for image in entry["images"]:
-            refs.append((image["file"], "image"))
-            refs.extend((mask["file"], "mask") for mask in image["masks"])
+            names.append((image["file"], "image"))
+            names.extend((m["file"], "mask") if m.get("file") else (m["nifti"], "nifti") for m in image.get("masks", ()))
         for question in entry["questions"]:
             if question.get("region_file") is not None:
-                refs.append((question["region_file"], "mask"))
-            refs.extend((o["mask_file"], "mask") for o in question.get("model_outputs", ()) if o["mask_file"])
+                names.append((question["region_file"], "mask"))
+            names.extend((o["mask_file"], "mask") for o in question.get("model_outputs", ()) if o.get("mask_file"))
+        refs.extend((f"{folder}/{safe_relative(name)}", kind) for name, kind in names)
     return refs
 
 
@@ -262,9 +220,9 @@ class _BudgetReader:
                 chunks.append(chunk)
         return b"".join(chunks)
 
-    def plan(self, cases: list[dict[str, Any]]) -> None:
+    def plan(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
         """Check reference counts and the decoded-pixel total from image headers only."""
-        refs = member_references(cases)
+        refs = member_references(entries)
         counts = Counter(name for name, _kind in refs)
         name, most = counts.most_common(1)[0] if counts else ("", 0)
         if most > self.budget.max_references_per_member:
@@ -273,7 +231,7 @@ class _BudgetReader:
             )
         total = 0
         for name, kind in refs:
-            width, height = self._header_size(name)
+            width, height = self._header_size(name, kind)
             total += width * height * (3 if kind == "image" else 2)
             if total > self.budget.max_decoded_bytes:
                 raise ArchiveError(
@@ -281,8 +239,10 @@ class _BudgetReader:
                     "split it into smaller archives"
                 )
 
-    def _header_size(self, name: str) -> tuple[int, int]:
+    def _header_size(self, name: str, kind: str) -> tuple[int, int]:
         head = self._read_head(name)
+        if kind == "nifti":
+            return nifti_header_size(head)
         image = open_checked(head, formats=("PNG", "JPEG"))
         return image.width, image.height
 
@@ -295,48 +255,29 @@ class _BudgetReader:
             return stream.read(HEADER_BYTES)
 
 
-def _case_draft(archive: _BudgetReader, entry: Mapping[str, Any]) -> CaseDraft:
-    images = tuple(
-        ImageDraft(
-            pixels=decode_rgb(archive.read(image["file"])),
-            masks=tuple(MaskDraft(m["label"], decode_mask(archive.read(m["file"]))) for m in image["masks"]),
-            spacing_mm=None if image["spacing_mm"] is None else tuple(image["spacing_mm"]),
-            description=image.get("description", ""),
-        )
-        for image in entry["images"]
-    )
-    return CaseDraft(
-        **{name: entry[name] for name in CASE_TEXT_FIELDS},
-        key_points=tuple(entry["key_points"]),
-        tags=tuple(entry["tags"]),
-        published=bool(entry["published"]),
-        slug=entry["slug"],
-        burned_in_suspected=bool(entry.get("burned_in_review_required", False)),
-        burned_in_reviewed=bool(entry.get("burned_in_reviewed", False)),
-        images=images,
-        questions=tuple(_question_draft(archive, q) for q in entry["questions"]),
-    )
+def nifti_header_size(head: bytes) -> tuple[int, int]:
+    """(dim[1], dim[2]) of a (gzipped) NIfTI-1 header, from its first bytes only; ArchiveError otherwise."""
+    if head[:2] == b"\x1f\x8b":
+        head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, NIFTI_HEADER_BYTES)
+    if len(head) < NIFTI_HEADER_BYTES:
+        raise ArchiveError("a NIfTI mask has no complete header")
+    for order in ("<", ">"):
+        if struct.unpack(f"{order}i", head[:4])[0] == NIFTI_HEADER_BYTES:
+            dims = struct.unpack(f"{order}8h", head[40:56])
+            return max(dims[1], 1), max(dims[2], 1) * max(dims[3], 1)
+    raise ArchiveError("a NIfTI mask has no NIfTI-1 header")
 
 
-def _question_draft(archive: _BudgetReader, entry: Mapping[str, Any]) -> QuestionDraft:
-    region = entry.get("region_file")
-    return QuestionDraft(
-        kind=entry["kind"],
-        prompt=entry["prompt"],
-        reference_answer=entry["reference_answer"],
-        synonyms=tuple(entry["synonyms"]),
-        choices=tuple(entry["choices"]),
-        target_label=entry["target_label"],
-        region=None if region is None else decode_mask(archive.read(region)),
-        model_outputs=tuple(
-            ModelOutputDraft(
-                model_id=o["model_id"],
-                revision=o["revision"],
-                parameters=dict(o["parameters"]),
-                answer=o["answer"],
-                mask=None if o["mask_file"] is None else decode_mask(archive.read(o["mask_file"])),
-                created_at=dt.datetime.fromisoformat(o["created_at"]),
-            )
-            for o in entry.get("model_outputs", ())
-        ),
-    )
+def _case_entry(reader: _BudgetReader, folder: str) -> dict[str, Any]:
+    """A bundle folder's case file, parsed within the manifest's size and nesting limits."""
+    raw = reader.read(f"{safe_relative(folder)}/{CASE_FILE}", limit=reader.budget.max_manifest_bytes)
+    check_json_depth(raw, reader.budget.max_manifest_depth)
+    entry = json.loads(raw)
+    if not isinstance(entry, dict):
+        raise ArchiveError(f"{folder}/{CASE_FILE} is not a JSON object")
+    return entry
+
+
+def _case_draft(reader: _BudgetReader, folder: str, entry: dict[str, Any]) -> CaseDraft:
+    """One case folder of the bundle, read by the same reader as a library folder (cases.casefolder)."""
+    return draft_from_entry(entry, lambda name: reader.read(f"{folder}/{safe_relative(name)}"))

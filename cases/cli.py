@@ -1,4 +1,4 @@
-"""`python -m cases {list,show,export,import,backup,precompute,add-instructor} [--db URL]`.
+"""`python -m cases {list,show,export,import,backup,precompute,add-instructor,validate} [--db URL]`.
 
 Errors print one line on stderr and exit with status 2. `--db` takes any SQLAlchemy URL or a file path;
 without it, DATABASE_URL or `var/medplib_cases.sqlite` is used. Only `precompute` imports the engine.
@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from cases.archive import export_archive, import_archive
+from cases.casefolder import case_folders, validate_folder
 from cases.errors import CaseStoreError
 from cases.records import CaseRecord, CaseSummary
 from cases.store import CaseStore
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("case", help="case id or slug")
     export = sub.add_parser("export", help="write cases to a zip archive")
     export.add_argument("--out", required=True, type=Path)
+    export.add_argument("--nifti-masks", action="store_true", help="also carry masks as NIfTI (.nii.gz)")
     export.add_argument(
         "--case", action="append", default=[], help="case id or slug (repeatable; default all)"
     )
@@ -58,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = sub.add_parser("add-instructor", help=f"create an instructor account (password from ${PASSWORD_ENV} "
                          "or a prompt)")  # fmt: skip
     add.add_argument("username")
+    check = sub.add_parser("validate", help="check case folders (cases/library or an unzipped export)")
+    check.add_argument("folder", type=Path, help="a library folder of case folders, or one case folder")
     return parser
 
 
@@ -66,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "validate":  # files only: no database
+        return _validate(args.folder)
     try:
         store = CaseStore(args.db or os.environ.get("DATABASE_URL"), seed_starter=not args.no_starter)
         try:
@@ -96,7 +102,7 @@ def _list(store: CaseStore, args: argparse.Namespace) -> None:
     for c in cases:
         flag = "" if c.published else "  [unpublished]"
         print(f"{c.id:4d}  {c.modality:<24} {c.anatomy:<14} {c.title}{flag}")
-    print(f"{len(cases)} cases")
+    print(f"{len(cases)} case{'' if len(cases) == 1 else 's'}")
 
 
 def _show(store: CaseStore, args: argparse.Namespace) -> None:
@@ -120,13 +126,26 @@ def format_case(case: CaseRecord) -> str:
 
 
 def _export(store: CaseStore, args: argparse.Namespace) -> None:
-    n = export_archive(store, store.operator_session(), args.out, args.case)
+    n = export_archive(store, store.operator_session(), args.out, args.case, nifti_masks=args.nifti_masks)
     print(f"exported {n} cases to {args.out}")
 
 
 def _import(store: CaseStore, args: argparse.Namespace) -> None:
     slugs = import_archive(store, store.operator_session(), args.archive)
     print(f"imported {len(slugs)} cases from {args.archive}")
+
+
+def _validate(folder: Path) -> int:
+    """Print one line per problem (or per valid case) and return 0 only when every case folder is valid."""
+    problems = validate_folder(folder)
+    for name, problem in problems:
+        print(f"{name}: {problem}", file=sys.stderr)
+    n = len(case_folders(folder))
+    if problems:
+        print(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {n} case folders", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{n} case folder{'s' if n != 1 else ''} valid")
+    return 0
 
 
 def _backup(store: CaseStore, args: argparse.Namespace) -> None:

@@ -15,7 +15,8 @@ import numpy as np
 
 from cases.errors import InvalidCaseData
 from cases.imaging import encode_mask_png, encode_png, to_rgb
-from cases.models import Attempt, AuditEntry, Case, Image, Mask, ModelOutput, Question
+from cases.marking import AnswerKey
+from cases.models import AnswerKeyRow, Attempt, AuditEntry, Case, Image, Mask, ModelOutput, Question
 from cases.records import (
     DIFFICULTIES,
     QUESTION_KINDS,
@@ -152,6 +153,7 @@ def _question_row(position: int, draft: QuestionDraft, labels: set[str], size: t
         target_label=draft.target_label,
         region_png=None if draft.region is None else encode_mask_png(draft.region),
         outputs=[_output_row(output, size) for output in draft.model_outputs],
+        key_row=None if draft.answer_key is None else AnswerKeyRow(key=draft.answer_key.to_json()),
     )
 
 
@@ -253,6 +255,7 @@ def question_record(question: Question) -> QuestionRecord:
         choices=tuple(question.choices),
         target_label=question.target_label,
         region_png=question.region_png,
+        answer_key=None if question.key_row is None else AnswerKey.from_json(question.key_row.key),
     )
 
 
@@ -269,7 +272,7 @@ def output_record(row: ModelOutput) -> ModelOutputRecord:
     )
 
 
-def attempt_record(row: Attempt, case_id: int) -> AttemptRecord:
+def attempt_record(row: Attempt, case_id: int, verdict: str | None = None) -> AttemptRecord:
     return AttemptRecord(
         id=row.id,
         question_id=row.question_id,
@@ -281,6 +284,7 @@ def attempt_record(row: Attempt, case_id: int) -> AttemptRecord:
         iou=row.iou,
         duration_s=row.duration_s,
         created_at=row.created_at,
+        verdict=verdict,
     )
 
 

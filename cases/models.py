@@ -11,7 +11,18 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -116,6 +127,7 @@ class Question(Base):
     outputs: Mapped[list[ModelOutput]] = relationship(
         back_populates="question", cascade="all, delete-orphan", order_by="ModelOutput.id"
     )
+    key_row: Mapped[AnswerKeyRow | None] = relationship(cascade="all, delete-orphan", lazy="selectin")
 
 
 class ModelOutput(Base):
@@ -174,4 +186,69 @@ class Instructor(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     username: Mapped[str] = mapped_column(String(80), unique=True)
     password_hash: Mapped[str] = mapped_column(String(300))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utc_now)
+
+
+class AnswerKeyRow(Base):
+    """The instructor's answer key of a question (cases.marking.AnswerKey as JSON); at most one each."""
+
+    __tablename__ = "answer_keys"
+
+    question_id: Mapped[int] = mapped_column(ForeignKey("questions.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utc_now, onupdate=utc_now)
+
+
+class ClassSession(Base):
+    """A quiz an instructor hands to a class: a join code, an ordered set of questions, open or closed."""
+
+    __tablename__ = "class_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code: Mapped[str] = mapped_column(String(12), unique=True)
+    title: Mapped[str] = mapped_column(String(200))
+    created_by: Mapped[str] = mapped_column(String(80))
+    is_open: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utc_now)
+    closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+    items: Mapped[list[ClassSessionItem]] = relationship(
+        cascade="all, delete-orphan", order_by="ClassSessionItem.position"
+    )
+
+
+class ClassSessionItem(Base):
+    """One question of a class session, in quiz order."""
+
+    __tablename__ = "class_session_items"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("class_sessions.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    question_id: Mapped[int] = mapped_column(ForeignKey("questions.id", ondelete="CASCADE"), index=True)
+
+
+class ClassSessionStudent(Base):
+    """A pseudonym that joined a class session (unique within it)."""
+
+    __tablename__ = "class_session_students"
+    __table_args__ = (UniqueConstraint("session_id", "pseudonym", name="uq_class_session_students_pseudonym"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("class_sessions.id", ondelete="CASCADE"), index=True)
+    pseudonym: Mapped[str] = mapped_column(String(80))
+    joined_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utc_now)
+
+
+class ClassSessionAnswer(Base):
+    """A student's answer in a class session: the scored quiz attempt plus its verdict."""
+
+    __tablename__ = "class_session_answers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("class_sessions.id", ondelete="CASCADE"), index=True)
+    student_id: Mapped[int] = mapped_column(ForeignKey("class_session_students.id", ondelete="CASCADE"), index=True)
+    attempt_id: Mapped[int] = mapped_column(ForeignKey("attempts.id", ondelete="CASCADE"), unique=True)
+    question_id: Mapped[int] = mapped_column(ForeignKey("questions.id", ondelete="CASCADE"), index=True)
+    verdict: Mapped[str | None] = mapped_column(String(20))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utc_now)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from cases.imaging import decode_mask, decode_rgb
+from cases.marking import AnswerKey
 
 QUESTION_KINDS = ("closed", "open", "segmentation")
 DIFFICULTIES = ("medical student", "resident", "specialist")
@@ -65,6 +66,11 @@ class QuestionRecord:
     choices: tuple[str, ...]
     target_label: str | None
     region_png: bytes | None
+    answer_key: AnswerKey | None = None  # the instructor's key; None = reference and synonyms only
+
+    def key(self) -> AnswerKey:
+        """The key answers are marked with (the stored key, else the reference answer and synonyms)."""
+        return self.answer_key or AnswerKey.simple(self.reference_answer, self.synonyms)
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,7 @@ class AttemptRecord:
     iou: float | None
     duration_s: float | None
     created_at: dt.datetime
+    verdict: str | None = None  # cases.marking.VERDICTS for answered questions, None for drawings
 
 
 @dataclass(frozen=True)
@@ -227,6 +234,7 @@ class QuestionDraft:
     choices: tuple[str, ...] = ()
     target_label: str | None = None
     region: np.ndarray | None = None  # optional (H, W) bool region prompt at the first image's size
+    answer_key: AnswerKey | None = None  # open questions: accepted answers, concepts, known wrong answers
     model_outputs: tuple[ModelOutputDraft, ...] = ()
 
 

@@ -37,7 +37,19 @@ from cases.errors import (
     PublishBlocked,
 )
 from cases.imaging import encode_mask_png
-from cases.models import Attempt, AuditEntry, Case, Image, Instructor, Mask, ModelOutput, Question, utc_now
+from cases.marking import AnswerKey, Mark, mark_answer
+from cases.models import (
+    AnswerKeyRow,
+    Attempt,
+    AuditEntry,
+    Case,
+    Image,
+    Instructor,
+    Mask,
+    ModelOutput,
+    Question,
+    utc_now,
+)  # fmt: skip
 from cases.records import (
     AttemptRecord,
     AuditRecord,
@@ -47,7 +59,7 @@ from cases.records import (
     InstructorSession,
     ModelOutputRecord,
 )
-from cases.scoring import answer_matches, overlap
+from cases.scoring import overlap
 from cases.throttle import LoginThrottle
 
 log = logging.getLogger(__name__)
@@ -333,8 +345,8 @@ class CaseStore:
         """Score and store one quiz attempt (anonymous allowed; only published cases).
 
         drawn_mask: (H, W) bool at the case's first image size, for segmentation questions.
-        correct: closed → answer == reference; open → True on a reference/synonym match, else None
-        (free text needs the student's own comparison); segmentation → None (see dice/iou).
+        Closed and open answers are marked with the question's key (cases.marking): `verdict` is
+        correct / partly correct / wrong and `correct` True / None / False; segmentation → None (dice/iou).
         """
         if not STUDENT_ID_PATTERN.match(student):
             raise InvalidCaseData("student ids are 1-80 letters, digits, '.', '_' or '-' (no real names)")
@@ -343,11 +355,12 @@ class CaseStore:
             if question is None or not question.case.published:
                 raise CaseNotFound(f"no published question {question_id}")
             scores = _score_drawing(question, drawn_mask)
+            mark = _mark(question, answer)
             row = Attempt(
                 question_id=question_id,
                 student=student,
                 answer=answer,
-                correct=_answer_correct(question, answer),
+                correct=None if mark is None else mark.correct,
                 mask_png=None if drawn_mask is None else encode_mask_png(drawn_mask),
                 dice=None if scores is None else scores.dice,
                 iou=None if scores is None else scores.iou,
@@ -355,7 +368,7 @@ class CaseStore:
             )
             db.add(row)
             db.flush()
-            return convert.attempt_record(row, question.case_id)
+            return convert.attempt_record(row, question.case_id, None if mark is None else mark.verdict)
 
     def student_attempts(self, student: str) -> tuple[AttemptRecord, ...]:
         """A student's own attempts, oldest first (session progress)."""
@@ -434,6 +447,21 @@ class CaseStore:
             db.flush()
             self._record(session.username, "edit", row, detail=_state(row), db=db)
             return convert.case_record(row)
+
+    def set_answer_key(self, session: InstructorSession, question_id: int, key: AnswerKey | None) -> None:
+        """Replace (or, with None, remove) the answer key of an open or closed question (instructor only).
+
+        Earlier attempts keep the verdict they were given; new answers are marked with the new key.
+        """
+        self._require(session)
+        with self._writing() as db:
+            question = db.get(Question, question_id)
+            if question is None:
+                raise CaseNotFound(f"no question {question_id}")
+            if question.kind == "segmentation":
+                raise InvalidCaseData("segmentation questions are scored by Dice/IoU; they have no answer key")
+            question.key_row = None if key is None else AnswerKeyRow(key=key.to_json())
+            db.flush()
 
     def set_published(self, session: InstructorSession, case: int | str, published: bool) -> CaseSummary:
         """Publish or unpublish a case (instructor only); PublishBlocked while a burned-in review is due."""
@@ -613,12 +641,12 @@ def _text_filter(text: str) -> Any:
     return or_(*clauses)
 
 
-def _answer_correct(question: Question, answer: str) -> bool | None:
-    if question.kind == "closed":
-        return answer_matches(answer, question.reference_answer, tuple(question.synonyms))
-    if question.kind == "open":
-        return True if answer_matches(answer, question.reference_answer, tuple(question.synonyms)) else None
-    return None
+def _mark(question: Question, answer: str) -> Mark | None:
+    """The verdict of a closed or open answer with the question's key; None for segmentation."""
+    if question.kind == "segmentation":
+        return None
+    record = convert.question_record(question)
+    return mark_answer(answer, record.key())
 
 
 def _score_drawing(question: Question, drawn: np.ndarray | None) -> Any:

@@ -52,7 +52,8 @@ def add_ask_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--save-mask", default=None, metavar="OUT.png")
+    p.add_argument("--save-mask", default=None, metavar="OUT.png|OUT.dcm",
+                   help="PNG mask, or .dcm: a DICOM SEG referencing the source (DICOM) or a Secondary Capture of it")
     p.add_argument("--postprocess", default=None, choices=("medplib", "crop"),
                    help="mask post-processing (default: the model's config.json `mask_postprocess`, else medplib)")
     p.add_argument("--quantization", default=None, choices=("8bit", "4bit"),
@@ -120,7 +121,23 @@ def answer_json(answer: Answer, mask_png: str | None) -> dict:
     }
 
 
-def save_mask(mask: np.ndarray, path: str) -> str:
+def save_mask(mask: np.ndarray, path: str, *, image: str = "", frame: int = 0, rgb: np.ndarray | None = None,
+              question: str = "", model_name: str = "") -> str:  # fmt: skip
+    """PNG (0/255), or DICOM SEG for `.dcm` (on the source grid for DICOM input, else over a Secondary Capture)."""
+    if path.lower().endswith(".dcm"):
+        from engine.dicomseg import SegExportError, write_seg_for_dicom, write_seg_for_display
+        from engine.imageio import sniff_kind
+        from engine.volume import segment_label
+
+        label = segment_label(question)
+        try:
+            if image and sniff_kind(Path(image)) == "dicom":
+                write_seg_for_dicom(image, mask, path, label=label, frame=frame, model_name=model_name)
+            else:
+                write_seg_for_display(rgb, mask, path, label=label, model_name=model_name)
+        except SegExportError as err:
+            raise UsageError(str(err)) from None
+        return path
     from PIL import Image
 
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path)
@@ -153,7 +170,10 @@ def run_ask(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
     answer = stream.result
-    mask_png = save_mask(answer.mask, args.save_mask) if args.save_mask and answer.has_mask else None
+    mask_png = None
+    if args.save_mask and answer.has_mask:
+        mask_png = save_mask(answer.mask, args.save_mask, image=args.image, frame=args.frame, rgb=rgb,
+                             question=args.question, model_name=eng.info.name)  # fmt: skip
     if args.json:
         print(json.dumps(answer_json(answer, mask_png)))
     else:
@@ -163,10 +183,76 @@ def run_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_volume_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segment-volume", help="segment a structure on every slice of a NIfTI volume or DICOM series")
+    p.add_argument("--image", required=True, help="NIfTI volume, multi-frame DICOM file, or a folder of one series")
+    p.add_argument("--question", required=True, help='e.g. "Please segment the brain in this image."')
+    p.add_argument("--plane", default="axial", choices=("axial", "coronal", "sagittal"), help="NIfTI slicing plane")
+    p.add_argument("--save-mask", required=True, metavar="OUT.nii.gz|OUT.dcm")
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_segment_volume(args: argparse.Namespace) -> int:
+    """3-D mask on the source grid; prints slices, time per slice and the volume in mL."""
+    from tqdm import tqdm
+
+    from engine.dicomseg import SegExportError
+    from engine.imageio import ImageReadError, sniff_kind
+    from engine.loading import ModelNotFoundError, load_engine
+    from engine.volume import VolumeError, save_volume_mask, segment_dicom, segment_nifti
+
+    path = Path(args.image)
+    if not path.exists():
+        raise UsageError(f"image not found: {args.image}")
+    try:
+        eng = load_engine(args.model, device=args.device, dtype=args.dtype)
+    except ModelNotFoundError as err:
+        raise UsageError(str(err)) from None
+    bar = tqdm(desc="slices", unit="slice", disable=args.json, leave=False)
+
+    def progress(done: int, total: int) -> bool:
+        bar.total = total
+        bar.update(done - bar.n)
+        return True
+
+    try:
+        if path.is_file() and sniff_kind(path) == "nifti":
+            result, sources = segment_nifti(eng, path, args.question, plane=args.plane, progress=progress), None
+        else:
+            result, sources = segment_dicom(eng, path, args.question, progress=progress)
+        out = save_volume_mask(result, args.save_mask, sources=sources, model_name=eng.info.name)
+    except (VolumeError, SegExportError, ImageReadError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    finally:
+        bar.close()
+    summary = volume_json(result, str(out))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        ml = "unknown (no voxel size)" if result.volume_ml is None else f"{result.volume_ml:.2f} mL"
+        print(f"{result.n_slices} slices ({result.slices_with_mask} with mask), shape {list(result.mask.shape)}, "
+              f"volume {ml}, {result.seconds_per_slice:.3f} s per slice -> {out}")  # fmt: skip
+    return 0
+
+
+def volume_json(result: object, out: str) -> dict:
+    """The `segment-volume --json` record."""
+    return {
+        "mask": out, "shape": list(result.mask.shape), "n_slices": result.n_slices,
+        "slices_with_mask": result.slices_with_mask, "voxels": int(result.mask.sum()),
+        "volume_ml": result.volume_ml, "seconds_per_slice": round(result.seconds_per_slice, 4),
+        "plane": result.plane, "label": result.label,
+    }  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine", description="MedPLIB inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
     add_ask_parser(sub)
+    add_volume_parser(sub)
     try:
         from engine.evaluate import add_evaluate_parser, run_evaluate
     except ImportError:
@@ -178,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "ask":
             return run_ask(args)
+        if args.command == "segment-volume":
+            return run_segment_volume(args)
         return run_evaluate(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -40,6 +40,8 @@ class AskSession:
     last_question: str = ""
     last_region: dict[str, Any] | None = None
     last_settings: GenerationSettings | None = None
+    mask_areas: tuple[int | None, ...] = ()  # per turn of `history`: mask pixels, None without a mask
+    note: str = ""  # what the reader changed about the file (4-D NIfTI, transparency), shown with the image
 
     @property
     def has_image(self) -> bool:
@@ -52,8 +54,51 @@ class AskSession:
 def load(path: str | Path) -> AskSession:
     """Read an uploaded file and show its middle slice (NIfTI) or first frame. Raises ImageReadError."""
     image = imageio.read_image(path)
+    _check_shape(image)
+    image, note = _flatten_transparency(image, Path(path))
+    note = " ".join(n for n in (note, _four_d_note(image, Path(path))) if n)
     index = imageio.n_slices(image, "axial") // 2 if image.kind == "nifti" else 0
-    return with_view(AskSession(image=image), index=index, plane="axial", preset=None)
+    return replace(with_view(AskSession(image=image), index=index, plane="axial", preset=None), note=note)
+
+
+def _check_shape(image: LoadedImage) -> None:
+    """Refuse images too small or too elongated to preview or ask about (UserInputError says why)."""
+    frame = imageio.get_frame(image, 0) if image.kind != "nifti" else image.volume[:, :, 0]
+    h, w = frame.shape[:2]
+    if min(h, w) < texts.MIN_IMAGE_SIDE:
+        raise UserInputError(texts.ERR_IMAGE_TOO_SMALL.format(w=w, h=h, side=texts.MIN_IMAGE_SIDE))
+    if max(h, w) / min(h, w) > texts.MAX_ASPECT_RATIO:
+        raise UserInputError(
+            texts.ERR_IMAGE_ASPECT.format(w=w, h=h, ratio=max(h, w) / min(h, w), limit=texts.MAX_ASPECT_RATIO)
+        )
+
+
+def _flatten_transparency(image: LoadedImage, path: Path) -> tuple[LoadedImage, str]:
+    """Photos with an alpha channel: transparent pixels become black (not their hidden colour), with a note."""
+    if image.kind != "photo" or image.volume.ndim != 4:
+        return image, ""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if "A" not in im.getbands() and "transparency" not in im.info:
+                return image, ""
+            alpha = np.asarray(im.convert("RGBA"), dtype=np.float32)[..., 3:] / 255.0
+    except OSError:
+        return image, ""
+    if alpha.shape[:2] != image.volume.shape[1:3] or alpha.min() >= 1.0:
+        return image, ""
+    flat = np.rint(image.volume[0].astype(np.float32) * alpha).astype(np.uint8)
+    return dataclasses.replace(image, volume=flat[None]), texts.RGBA_NOTE.format(share=float((alpha < 1).mean()))
+
+
+def _four_d_note(image: LoadedImage, path: Path) -> str:
+    if image.kind != "nifti":
+        return ""
+    import nibabel as nib
+
+    shape = nib.load(str(path)).shape
+    return texts.NIFTI_4D_NOTE.format(n=shape[3]) if len(shape) == 4 and shape[3] > 1 else ""
 
 
 def with_view(session: AskSession, *, index: int, plane: str, preset: str | None) -> AskSession:
@@ -63,7 +108,7 @@ def with_view(session: AskSession, *, index: int, plane: str, preset: str | None
         raise UserInputError(texts.ERR_NO_IMAGE)
     index = int(np.clip(index, 0, imageio.n_slices(image, plane) - 1))
     rgb = imageio.to_rgb(image, index, plane, preset)
-    return AskSession(image=image, index=index, plane=plane, preset=preset, rgb=rgb)
+    return AskSession(image=image, index=index, plane=plane, preset=preset, rgb=rgb, note=session.note)
 
 
 def window_choice(session: AskSession) -> str:
@@ -87,7 +132,8 @@ def describe(session: AskSession) -> str:
     if count > 1:
         where = f"{session.plane} slice" if image.kind == "nifti" else "frame"
         parts.append(f"{where} {session.index + 1}/{count}")
-    return " · ".join(p for p in parts if p)
+    line = " · ".join(p for p in parts if p)
+    return f"{line}\n\n{session.note}" if session.note else line
 
 
 def model_input(session: AskSession) -> np.ndarray | None:
@@ -227,6 +273,7 @@ def after_answer(
     return replace(
         session,
         history=session.history + ((question, answer.text),),
+        mask_areas=session.mask_areas + (answer.mask_area if answer.has_mask else None,),
         answer=answer,
         last_question=question,
         last_region=region,
@@ -235,7 +282,8 @@ def after_answer(
 
 
 def new_conversation(session: AskSession) -> AskSession:
-    return replace(session, history=(), answer=None, last_question="", last_region=None, last_settings=None)
+    return replace(session, history=(), mask_areas=(), answer=None, last_question="", last_region=None,
+                   last_settings=None)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -261,10 +309,11 @@ def mask_summary(session: AskSession) -> str:
     if pixels == 0:
         return texts.EMPTY_MASK_NOTICE
     spacing = imageio.frame_spacing(session.image, session.plane) if session.image else None
+    area = texts.count_noun(pixels, "pixel")
     if spacing is None:
-        return texts.MASK_AREA.format(pixels=pixels)
+        return texts.MASK_AREA.format(area=area)
     row, col = spacing
-    return texts.MASK_AREA_MM.format(pixels=pixels, mm2=pixels * row * col, row=row, col=col)
+    return texts.MASK_AREA_MM.format(area=area, mm2=pixels * row * col, row=row, col=col)
 
 
 def record(session: AskSession, model_info: Any, created: str) -> dict[str, Any]:

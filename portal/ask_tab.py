@@ -44,7 +44,7 @@ class AskHandlers:
             return self._view(AskSession(), show_input)
         try:
             session = steps.load(path)
-        except imageio.ImageReadError as err:
+        except (imageio.ImageReadError, UserInputError) as err:
             raise gr.Error(str(err)) from err
         return self._view(session, show_input)
 
@@ -66,7 +66,8 @@ class AskHandlers:
         return (
             session,
             steps.describe(session) if session.has_image else "",
-            gr.update(minimum=1, maximum=max(count, 2), value=session.index + 1, visible=count > 1),
+            gr.update(minimum=1, maximum=max(count, 2), value=session.index + 1, visible=count > 1,
+                      label=texts.SLICE_LABEL if is_nifti else texts.FRAME_LABEL),
             gr.update(value=session.plane, visible=is_nifti),
             gr.update(value=steps.window_choice(session), visible=greyscale),
             steps.preview(session),
@@ -159,6 +160,8 @@ class AskHandlers:
         look: tuple[float, str, str],
         force: str | None,
     ) -> Iterator[tuple]:
+        if not session.has_image:  # before the question: "type a question" would be the wrong advice
+            raise gr.Error(texts.ERR_NO_IMAGE)
         try:
             region, region_desc = steps.region_for(session, tool, sketch)
             text = steps.prepare_question(question, region is not None, self.ctx.settings.max_question_chars)
@@ -172,7 +175,7 @@ class AskHandlers:
         except Exception as err:  # the UI boundary: report a model failure, keep serving
             logger.exception("encoding the image or starting the answer failed")
             raise gr.Error(texts.ERR_MODEL.format(kind=type(err).__name__)) from err
-        asked = [*render_chat(session.history), _user_message(text)]
+        asked = [*render_chat(session.history, areas=session.mask_areas), _user_message(text)]
         skip = gr.skip()
         partial = ""
         yield session, [*asked, _assistant(partial)], "", skip, skip, skip, skip
@@ -180,7 +183,8 @@ class AskHandlers:
             partial += piece
             yield session, [*asked, _assistant(partial)], skip, skip, skip, skip, skip
         session = steps.after_answer(session, text, stream.result, region_desc, settings)
-        yield (session, render_chat(session.history, session.answer), skip, *self._outputs(session, look))
+        yield (session, render_chat(session.history, session.answer, session.mask_areas), skip,
+               *self._outputs(session, look))  # fmt: skip
 
     @staticmethod
     def _pieces(stream: Any) -> Iterator[str]:
@@ -229,11 +233,16 @@ def _assistant(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": _shown(text)}
 
 
-def render_chat(history: tuple[tuple[str, str], ...], last: Answer | None = None) -> list[dict[str, str]]:
-    """Chatbot messages for the conversation; the last answer notes whether a mask came with it."""
+def render_chat(
+    history: tuple[tuple[str, str], ...], last: Answer | None = None, areas: tuple[int | None, ...] = ()
+) -> list[dict[str, str]]:
+    """Chatbot messages; every mask-only turn keeps its mask size (`areas`), the last notes its mask."""
     messages: list[dict[str, str]] = []
     for i, (question, answer) in enumerate(history):
         content = _shown(answer) if answer.strip() else texts.CHAT_NO_TEXT
+        area = areas[i] if i < len(areas) else None
+        if not answer.strip() and area is not None:
+            content = texts.CHAT_MASK_ONLY.format(pixels=area)
         if last is not None and i == len(history) - 1:
             if last.has_mask and not answer.strip():
                 content = texts.CHAT_MASK_ONLY.format(pixels=last.mask_area)
@@ -275,6 +284,7 @@ class AskTabInputs:
 
     upload: gr.File
     question: gr.Textbox
+    session: gr.State | None = None  # the AskSession state (read by portal.ask_extras)
 
 
 def build_ask_tab(ctx: PortalContext) -> AskTabInputs:
@@ -305,7 +315,9 @@ def build_ask_tab(ctx: PortalContext) -> AskTabInputs:
     ]
     view["upload"].change(h.load, [view["upload"], view["show_input"]], view_outputs, api_name="load_image")
     view_inputs = [session, view["position"], view["plane"], view["window"], view["show_input"]]
-    view["position"].release(h.change_view, view_inputs, view_outputs, api_visibility="private")
+    # input, not release: typing a number + Enter and the arrow keys change the image too (issue 21)
+    view["position"].input(h.change_view, view_inputs, view_outputs, api_visibility="private",
+                           trigger_mode="always_last")  # fmt: skip
     for control in (view["plane"], view["window"]):
         control.input(h.change_view, view_inputs, view_outputs, api_visibility="private")
     view["show_input"].change(
@@ -313,7 +325,7 @@ def build_ask_tab(ctx: PortalContext) -> AskTabInputs:
     )
     _wire_regions(h, session, region)
     _wire_talk(ctx, h, session, region, talk)
-    return AskTabInputs(upload=view["upload"], question=talk["question"])
+    return AskTabInputs(upload=view["upload"], question=talk["question"], session=session)
 
 
 def _image_controls(ctx: PortalContext) -> dict[str, Any]:

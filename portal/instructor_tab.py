@@ -213,16 +213,18 @@ class InstructorHandlers:
 
     def after_login(
         self, session: InstructorSession | None, _username: str, message: str
-    ) -> tuple[str, Any, Any]:
-        """Status after the browser posted the password: (status, cleared password, case menu)."""
+    ) -> tuple[str, Any, Any, Any]:
+        """Status after the browser posted the password: (status, cleared password, case menu, editor shown)."""
         if session is None:
-            return plain(message) if message else LOGGED_OUT, gr.update(value=""), self.case_menu(None)
-        return f"Logged in as **{plain(session.username)}**.", gr.update(value=""), self.case_menu(session)
+            status = plain(message) if message else LOGGED_OUT
+            return status, gr.update(value=""), self.case_menu(None), gr.update(visible=False)
+        status = f"Logged in as **{plain(session.username)}**."
+        return status, gr.update(value=""), self.case_menu(session), gr.update(visible=True)
 
-    def logout(self, session: InstructorSession | None) -> tuple[str, Any]:
+    def logout(self, session: InstructorSession | None) -> tuple[str, Any, Any]:
         if session is not None:
             self.store.logout(session)
-        return LOGGED_OUT, gr.update(choices=[], value=None)
+        return LOGGED_OUT, gr.update(choices=[], value=None), gr.update(visible=False)
 
     def confirm_review(self, session: InstructorSession | None, case_id: int | None) -> tuple:
         """Record that this instructor checked the picked case's pixels for burned-in text."""
@@ -384,7 +386,8 @@ def build_instructor_tab(ctx: Any) -> None:
         gr.Markdown(texts.HF_SIGN_IN_NOTE)
         gr.LoginButton()
     status = gr.Markdown(LOGGED_OUT)
-    with gr.Accordion("Library cases", open=True):
+    editor_area = gr.Column(visible=False, elem_id="instructor-editor")  # only after a login (issue 21)
+    with editor_area, gr.Accordion("Library cases", open=True):
         menu = gr.Dropdown([], label="Case (unpublished included)")
         with gr.Row():
             load, publish_btn, unpublish_btn = (
@@ -400,7 +403,7 @@ def build_instructor_tab(ctx: Any) -> None:
         audit_table = gr.Dataframe(
             headers=list(AUDIT_COLUMNS), label="Latest instructor actions", interactive=False
         )
-    with gr.Accordion("New case / edit", open=True):
+    with editor_area, gr.Accordion("New case / edit", open=True):
         with gr.Row():
             file = gr.File(
                 label="Image: PNG, JPEG, DICOM or NIfTI",
@@ -428,9 +431,10 @@ def build_instructor_tab(ctx: Any) -> None:
             )
     bind = gate.bind
     login.click(
-        bind(h.after_login, 2, name="login"), [username, password], [status, password, menu], js=LOGIN_JS
-    )
-    logout.click(bind(h.logout, 0), None, [status, menu], js=LOGOUT_JS)
+        bind(h.after_login, 2, name="login"), [username, password], [status, password, menu, editor_area],
+        js=LOGIN_JS,
+    )  # fmt: skip
+    logout.click(bind(h.logout, 0), None, [status, menu, editor_area], js=LOGOUT_JS)
     read.click(h.read, [file, plane_in, index, preset], [upload, editor, note])
     common = [upload, editor, mask_file, publish, reviewed, *fields]
     save_new.click(bind(lambda s, *a: h.save(s, None, *a), len(common)), common, [status, menu])

@@ -127,6 +127,25 @@ def case_choices(
     return [(f"{c.title} — {c.modality}", c.id) for c in summaries]
 
 
+def model_answers_markdown(store: CaseStore, case: CaseRecord) -> str:
+    """The model's cached answer to each question of the case (the card showed none before issue 21)."""
+    lines = []
+    for question in case.questions:
+        outputs = store.model_outputs(question.id)
+        if not outputs:
+            continue
+        output = outputs[0]
+        text = output.answer.strip() or ("(a mask only)" if output.mask_png is not None else "(empty)")
+        mask = ""
+        if output.mask_png is not None:
+            mask = f" · mask {texts.count_noun(int(output.mask().sum()), 'pixel')}"
+        lines.append(f"- *{question.prompt}* → {text}{mask}")
+    if not lines:
+        return ""
+    model = store.model_outputs(case.questions[0].id)[0].model_id if case.questions else ""
+    return "\n\n**Model answers**" + (f" ({model})" if model else "") + "\n\n" + "\n".join(lines)
+
+
 class LibraryHandlers:
     """Event handlers of the library tab (plain methods: tested without a browser)."""
 
@@ -135,7 +154,7 @@ class LibraryHandlers:
 
     def search(self, modality: str, anatomy: str, difficulty: str, text: str) -> tuple[Any, str]:
         choices = case_choices(self.store, modality, anatomy, difficulty, text)
-        note = f"{len(choices)} cases" if choices else NO_MATCH
+        note = texts.count_noun(len(choices), "case") if choices else NO_MATCH
         return gr.update(choices=choices, value=choices[0][1] if choices else None), note
 
     def open_case(self, case_id: int | None, window: str) -> tuple[Any, Any, str]:
@@ -146,7 +165,7 @@ class LibraryHandlers:
         return (
             case_view(case, labels[:1], window),
             gr.update(choices=labels, value=labels[:1]),
-            case_markdown(case),
+            case_markdown(case) + model_answers_markdown(self.store, case),
         )
 
     def redraw(self, case_id: int | None, labels: list[str], window: str) -> Any:
@@ -179,7 +198,7 @@ def build_library_tab(ctx: Any) -> gr.State | None:
         text = gr.Textbox(label="Search text", placeholder="e.g. nuclei, lesion, window")
     first = case_choices(ctx.store, ALL, ALL, ALL, "")
     picker = gr.Dropdown(first, value=first[0][1] if first else None, label="Case", elem_id="library-case")
-    count = gr.Markdown(f"{len(first)} cases")
+    count = gr.Markdown(texts.count_noun(len(first), "case"))
     shown = ctx.store.get_case(first[0][1]) if first else None
     labels = [m.label for m in shown.images[0].masks] if shown else []
     with gr.Row():
@@ -193,7 +212,8 @@ def build_library_tab(ctx: Any) -> gr.State | None:
             question = gr.Textbox(label="Suggested question", interactive=False)
             hint = gr.Markdown()
         with gr.Column(scale=1):
-            card = gr.Markdown(case_markdown(shown) if shown else "", elem_id="library-card")
+            card = gr.Markdown(case_markdown(shown) + model_answers_markdown(ctx.store, shown) if shown else "",
+                               elem_id="library-card")  # fmt: skip
     handoff = gr.State(None)
     filters = [modality, anatomy, difficulty, text]
     for trigger in (modality.change, anatomy.change, difficulty.change, text.submit):

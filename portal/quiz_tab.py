@@ -24,6 +24,7 @@ import plotly.graph_objects as go
 from PIL import Image as PILImage
 
 from cases import CaseNotFound, CaseRecord, CaseStore, CaseStoreError, QuestionRecord
+from cases.marking import CORRECT, PARTLY, WRONG, protected_terms, redact
 from portal import texts
 from portal.library_tab import NO_STORE, case_markdown
 from portal.model_answers import cached_answer, live_answer
@@ -110,7 +111,24 @@ def progress_figure(progress: tuple[tuple[str, float | None, bool | None], ...])
                         marker={"color": "rgb(0,114,178)", "symbol": "diamond", "size": 10})  # fmt: skip
     fig.update_layout(title="This session", xaxis_title="attempt", yaxis={"range": [-0.05, 1.05]}, height=280,
                       margin={"l": 40, "r": 10, "t": 40, "b": 40})  # fmt: skip
+    fig.update_xaxes(tick0=1, dtick=1, tickformat="d", range=[0.5, max(len(progress), 1) + 0.5])  # whole attempts
     return fig
+
+
+VERDICT_TEXT = {
+    CORRECT: "✅ correct", PARTLY: "🟡 partly correct: see the reference for what is missing",
+    WRONG: "❌ wrong: compare with the reference below",
+}  # fmt: skip
+
+
+def hidden_terms(question: QuestionRecord) -> tuple[str, ...]:
+    """What the header must not show while `question` is open: its answers and answer-key concepts."""
+    return protected_terms(question.kind, question.key(), question.choices)
+
+
+def quiz_header(case: CaseRecord, question: QuestionRecord) -> str:
+    """The unknown-case header for one question, with whatever the question asks about hidden ('…')."""
+    return redact(case_markdown(case, reveal=False), hidden_terms(question))
 
 
 class QuizHandlers:
@@ -128,16 +146,17 @@ class QuizHandlers:
         first = case.questions[0]
         new = replace(state, case_id=case.id, question_id=first.id, started=time.monotonic(), submitted=False,
                       drawn=None)  # fmt: skip
-        return (new, case_markdown(case, reveal=False), gr.update(choices=questions, value=first.id),
+        return (new, quiz_header(case, first), gr.update(choices=questions, value=first.id),
                 *self._question_view(case, first))  # fmt: skip
 
     def choose_question(self, question_id: int | None, state: QuizState) -> tuple:
+        """Switch question; the header is redrawn because each question hides its own answer."""
         if question_id is None or state.case_id is None:
-            return (state, *self._blank_question())
+            return (state, gr.skip(), *self._blank_question())
         case = self._case(state.case_id)
         question = case.question(int(question_id))
         new = replace(state, question_id=question.id, started=time.monotonic(), submitted=False, drawn=None)
-        return (new, *self._question_view(case, question))
+        return (new, quiz_header(case, question), *self._question_view(case, question))
 
     def submit(self, choice: str | None, text: str, editor: dict | None, pseudonym: str, browser_id: str | None,
                state: QuizState) -> tuple:  # fmt: skip
@@ -218,8 +237,7 @@ class QuizHandlers:
             lines.append(f"### Dice **{attempt.dice:.3f}** · IoU **{attempt.iou:.3f}**")
             lines.append("Colours: <b style='color:#E69F00'>you</b> · <b style='color:#56B4E9'>model</b> · "
                          "<b style='color:#009E73'>reference</b>")  # fmt: skip
-        verdict = {True: "✅ matches the reference", False: "❌ does not match the reference",
-                   None: "compare your answer with the reference"}[attempt.correct]  # fmt: skip
+        verdict = VERDICT_TEXT.get(attempt.verdict or "", "compare your answer with the reference")
         if question.kind != "segmentation":
             lines.append(f"**Your answer:** {plain(attempt.answer)} — {verdict}")
         lines.append(f"**Reference answer:** {plain(question.reference_answer)}")
@@ -271,9 +289,9 @@ def _answer_text(output: Any) -> str:
 
 
 def case_options(store: CaseStore) -> list[tuple[str, int]]:
-    """Quiz case menu: 'Random case' then published cases WITHOUT their titles (titles give answers)."""
+    """Quiz case menu: 'Random case' then published cases WITHOUT titles or anatomy (they give answers)."""
     return [("Random case", RANDOM_CASE)] + [
-        (f"#{c.id} · {c.modality} · {c.anatomy} · {c.difficulty}", c.id) for c in store.list_cases()
+        (f"#{c.id} · {c.modality} · {c.difficulty}", c.id) for c in store.list_cases()
     ]
 
 
@@ -316,7 +334,7 @@ def build_quiz_tab(ctx: Any) -> None:
     discussion = gr.Markdown(elem_id="quiz-discussion")
     view = [prompt, closed, opened, editor, result, compare, layers, discussion]
     start.click(h.start, [choice, state], [state, header, question, *view])
-    question.input(h.choose_question, [question, state], [state, *view])
+    question.input(h.choose_question, [question, state], [state, header, *view])
     submitted = submit.click(h.submit, [closed, opened, editor, pseudonym, browser_id, state],
                              [state, browser_id, result, compare, layers, discussion, plot])  # fmt: skip
     if engine is not None:  # a missing model answer is computed in the model queue the Ask tab uses

@@ -76,8 +76,8 @@ MASK_COLORS = {  # Okabe-Ito colour-blind-safe palette
 MARK_COLOR = (0, 114, 178)  # Okabe-Ito blue for point / box markers
 DOWNLOADS_LABEL = "Downloads: mask PNG, mask NIfTI, JSON record"
 NO_MASK_NOTICE = "No `<SEG>` token in the answer → no mask. Press **Segment** to ask for one."
-MASK_AREA = "Mask area: **{pixels:,} pixels**"
-MASK_AREA_MM = "Mask area: **{pixels:,} pixels ≈ {mm2:,.1f} mm²** (pixel spacing {row:.3g} × {col:.3g} mm)"
+MASK_AREA = "Mask area: **{area}**"
+MASK_AREA_MM = "Mask area: **{area} ≈ {mm2:,.1f} mm²** (pixel spacing {row:.3g} × {col:.3g} mm)"
 EMPTY_MASK_NOTICE = "The model produced `<SEG>` but the mask is empty (no pixel above the threshold)."
 ROUTING_TITLE = "Mixture-of-experts routing"
 ROUTING_EXPLANATION = (
@@ -122,3 +122,43 @@ LOGIN_WRONG = "Wrong instructor username or password."
 LOGIN_THROTTLED = "Too many failed logins: try again in {seconds} s."
 LOGIN_BAD_REQUEST = "Send the username and password as JSON."
 HF_SIGN_IN_NOTE = "Or sign in with your Hugging Face account (instructors on this Space's allow-list)."
+
+
+# ------------------------------------------------------------------ issue 21: volumes, DICOM SEG, classes
+EXTRAS_TITLE = "Whole volume · DICOM SEG · save as a case draft"
+SEG_BUTTON = "Download the mask as DICOM SEG"
+SEG_FILES_LABEL = "DICOM SEG (and, for a non-DICOM image, the Secondary Capture it references)"
+SEG_NO_MASK = "There is no mask to export yet: press Segment first."
+VOLUME_BUTTON = "Segment the whole volume"
+VOLUME_CANCEL = "Cancel"
+VOLUME_NEEDS_VOLUME = "Whole-volume segmentation needs a NIfTI volume or a multi-frame DICOM file with several slices."
+VOLUME_NEEDS_QUESTION = "Type what to segment (e.g. 'Please segment the brain in this image.'), or ask once first."
+VOLUME_PROGRESS = "Segmenting {plane} slice {done} of {total}…"
+VOLUME_DONE = (
+    "**{label}**: {voxels:,} voxels on {with_mask} of {n} slices · **{volume}** · {per_slice:.2f} s per slice"
+    " (shape {shape})"
+)
+VOLUME_FILES_LABEL = "3-D mask on the source grid (NIfTI; DICOM SEG for DICOM input)"
+VOLUME_UNKNOWN_ML = "volume unknown (no voxel size)"
+VOLUME_CACHE_ENTRIES = 256  # slice embeddings kept per browser for a second question on the same volume
+DRAFT_TITLE_LABEL = "Case title (instructor)"
+DRAFT_BUTTON = "Save as a case draft"
+DRAFT_NEEDS_LOGIN = "Saving a case draft is an instructor action: log in on the Class sessions tab first."
+DRAFT_NEEDS_ANSWER = "Ask a question first: the draft keeps the image, region, question, answer and mask."
+DRAFT_SAVED = "Saved unpublished draft **#{id}** ({slug}); finish and publish it in the Instructor tab."
+DRAFT_LICENCE = "unspecified: set the licence before publishing"
+NIFTI_4D_NOTE = "**4-D NIfTI: only the first of its {n} volumes is shown and used.**"
+RGBA_NOTE = "**Transparent pixels ({share:.0%} of the image) are shown black**, as the model sees them."
+MIN_IMAGE_SIDE = 16  # pixels: smaller images give an unusable preview and model input
+MAX_ASPECT_RATIO = 8.0  # longest / shortest side: the 336×336 model input would be mostly padding
+ERR_IMAGE_TOO_SMALL = "The image is {w}×{h} pixels; it must be at least {side}×{side}. Upload a larger image."
+ERR_IMAGE_ASPECT = (
+    "The image is {w}×{h} pixels (ratio {ratio:.0f}:1); the model input would be mostly padding. Crop it to a "
+    "ratio under {limit:.0f}:1."
+)
+CLASS_TAB = "Class sessions"
+
+
+def count_noun(n: int, singular: str, plural: str | None = None) -> str:
+    """'1 pixel', '2 pixels', '1,024 cases': a count with the right form of its noun."""
+    return f"{n:,} {singular if n == 1 else (plural or singular + 's')}"

@@ -11,25 +11,36 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
 from cases import CaseStore
-from cases.db import alembic_config, current_revision, make_engine, upgrade_schema
+from cases.casefolder import ASSETS_DIR, LIBRARY_DIR, case_folders
+from cases.db import current_revision, make_engine, upgrade_schema
 from cases.models import Base
-from cases.starter import ASSETS_DIR, STARTER_PICKS, starter_drafts
+from cases.starter import starter_drafts
+
+STARTER_CASES = 32  # case folders in cases/library
 
 needs_assets = pytest.mark.skipif(
     not (ASSETS_DIR / "index.json").is_file(), reason="assets/medimages missing"
 )
 
 
+def head_revision() -> str:
+    """The newest migration (whatever revision other branches add before ours)."""
+
+    from cases.db import alembic_config
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
 def test_migrations_from_empty_to_head_match_the_models(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'm.sqlite'}")
     assert current_revision(engine) is None
     upgrade_schema(engine)
-    assert current_revision(engine) == ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert current_revision(engine) == head_revision()
     with engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert diff == []  # `alembic check`: the migrations give exactly the ORM schema
     upgrade_schema(engine)  # idempotent
-    assert current_revision(engine) == ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert current_revision(engine) == head_revision()
 
 
 def test_upgrade_and_downgrade_run_on_a_plain_engine(tmp_path: Path) -> None:
@@ -48,9 +59,9 @@ def test_upgrade_and_downgrade_run_on_a_plain_engine(tmp_path: Path) -> None:
 
 
 @needs_assets
-def test_starter_library_has_30_cases_in_5_modalities() -> None:
+def test_starter_library_has_32_cases_in_7_modalities() -> None:
     drafts = starter_drafts()
-    assert len(drafts) >= 30 and len({d.modality for d in drafts}) >= 5
+    assert len(drafts) == STARTER_CASES == len(case_folders(LIBRARY_DIR)) and len({d.modality for d in drafts}) == 7
     for draft in drafts:
         kinds = [q.kind for q in draft.questions]
         assert len(kinds) >= 2 and "closed" in kinds and ("open" in kinds or "segmentation" in kinds)
@@ -65,11 +76,11 @@ def test_starter_library_has_30_cases_in_5_modalities() -> None:
 def test_new_database_opens_with_the_starter_library(tmp_path: Path) -> None:
     store = CaseStore(str(tmp_path / "fresh.sqlite"))
     cases = store.list_cases()
-    assert len(cases) == len(STARTER_PICKS)
+    assert len(cases) == STARTER_CASES
     case = store.get_case(cases[0].id)
     assert case.images[0].rgb().ndim == 3 and case.summary.published
     reopened = CaseStore(str(tmp_path / "fresh.sqlite"))  # no second seeding
-    assert len(reopened.list_cases()) == len(STARTER_PICKS)
+    assert len(reopened.list_cases()) == STARTER_CASES
 
 
 def test_missing_assets_leave_an_empty_library_with_a_warning(tmp_path: Path, caplog) -> None:

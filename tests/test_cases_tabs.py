@@ -56,7 +56,7 @@ def test_library_filters_and_case_card(store: CaseStore) -> None:
     ]
     h = LibraryHandlers(store)
     update, note = h.search("CT", "All", "All", "")
-    assert [label for label, _ in update["choices"]] == ["Beta CT — CT"] and note == "1 cases"
+    assert [label for label, _ in update["choices"]] == ["Beta CT — CT"] and note == "1 case"  # issue 21: was "1 cases"
     alpha = store.get_case("alpha")
     image, masks, card = h.open_case(alpha.id, "as stored")
     assert image.shape == (40, 48, 3) and masks["value"] == ["lesion"]

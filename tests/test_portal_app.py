@@ -138,4 +138,4 @@ def test_app_composes_the_teaching_tabs_that_exist(engine):
     titles = [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
     assert titles[0] == texts.ASK_TAB
     expected = [title for module, fn, title in TEACHING_TABS if optional_tab_builder(module, fn) is not None]
-    assert titles[1:] == expected
+    assert titles[1:] == [*expected, texts.CLASS_TAB]
