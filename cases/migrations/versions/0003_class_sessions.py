@@ -1,7 +1,7 @@
 """Answer keys and class sessions: new tables only (no existing table changes).
 
 Revision ID: 0003
-Revises: 0001_initial (to be re-chained after 0002 when branches merge; nothing here depends on 0002)
+Revises: 0002
 Create Date: 2026-12-05
 """
 
