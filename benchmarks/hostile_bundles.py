@@ -43,8 +43,10 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def case_entry(slug: str, image_file: str, mask_file: str) -> dict[str, Any]:
-    """A manifest entry of a minimal valid case (one image, one mask, one segmentation question)."""
+    """The case file of a minimal valid case (one image, one mask, one segmentation question); file names
+    are relative to its case folder (cases.casefolder)."""
     return {
+        "format": "medplib-case", "schema_version": 1,
         "slug": slug, "title": slug, "modality": "MR", "anatomy": "phantom", "plane": "axial",
         "difficulty": "medical student", "vignette": "", "findings": "", "discussion": "", "key_points": [],
         "tags": [], "window_preset": None, "source": "synthetic", "provenance": "benchmarks.hostile_bundles",
@@ -58,12 +60,16 @@ def case_entry(slug: str, image_file: str, mask_file: str) -> dict[str, Any]:
 
 
 def _write(
-    path: Path, cases: list[dict[str, Any]], members: dict[str, bytes], manifest: bytes | None = None
+    path: Path, cases: list[tuple[str, dict[str, Any]]], members: dict[str, bytes], manifest: bytes | None = None
 ) -> Path:
+    """A bundle: `members` by archive name, each (folder, case file) once, and a manifest listing the folders
+    in order (a folder listed twice is read twice: that is how a bundle amplifies references)."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
         for name, data in members.items():
             archive.writestr(name, data)
-        body = {"schema_version": 1, "format": "medplib-cases", "cases": cases}
+        for folder, entry in dict(cases).items():
+            archive.writestr(f"{folder}/case.json", json.dumps(entry))
+        body = {"schema_version": 2, "format": "medplib-cases", "cases": [folder for folder, _ in cases]}
         archive.writestr("manifest.json", manifest if manifest is not None else json.dumps(body))
     return path
 
@@ -74,18 +80,19 @@ def valid(path: Path, n_cases: int = 2, side: int = 64) -> Path:
     for i in range(n_cases):
         members[f"c{i}/img.png"] = png_bytes(np.full((side, side, 3), 40 + i, np.uint8))
         members[f"c{i}/mask.png"] = png_bytes(np.pad(np.full((8, 8), 255, np.uint8), side // 2 - 4))
-        cases.append(case_entry(f"valid-case-{i}", f"c{i}/img.png", f"c{i}/mask.png"))
+        cases.append((f"c{i}", case_entry(f"valid-case-{i}", "img.png", "mask.png")))
     return _write(path, cases, members)
 
 
 def reference_amplified(path: Path, n_refs: int = 400) -> Path:
     """One 4096² image (and mask) referenced by `n_refs` cases: a few KiB that once decoded to GBs."""
     members = {
-        "big.png": png_bytes(np.zeros((BIG_SIDE, BIG_SIDE, 3), np.uint8)),
-        "mask.png": png_bytes(np.zeros((BIG_SIDE, BIG_SIDE), np.uint8)),
+        "c/big.png": png_bytes(np.zeros((BIG_SIDE, BIG_SIDE, 3), np.uint8)),
+        "c/mask.png": png_bytes(np.zeros((BIG_SIDE, BIG_SIDE), np.uint8)),
     }
-    cases = [case_entry(f"amplified-{i}", "big.png", "mask.png") for i in range(n_refs)]
-    return _write(path, cases, members)
+    entry = case_entry("amplified", "big.png", "mask.png")
+    entry["images"] *= n_refs  # one case file naming the image n_refs times...
+    return _write(path, [("c", entry)] * n_refs, members)  # ...and listed n_refs times in the manifest
 
 
 def distinct_large_images(path: Path, n_cases: int = 12) -> Path:
@@ -97,14 +104,14 @@ def distinct_large_images(path: Path, n_cases: int = 12) -> Path:
     for i in range(n_cases):
         members[f"c{i}/img.png"] = png_header_only(BIG_SIDE, BIG_SIDE)
         members[f"c{i}/mask.png"] = png_header_only(BIG_SIDE, BIG_SIDE)
-        cases.append(case_entry(f"large-{i}", f"c{i}/img.png", f"c{i}/mask.png"))
+        cases.append((f"c{i}", case_entry(f"large-{i}", "img.png", "mask.png")))
     return _write(path, cases, members)
 
 
 def size_lying(path: Path, real_bytes: int = 1 << 30) -> Path:
     """A member whose zip headers say 1 KiB while its deflate stream inflates to `real_bytes`."""
     valid(path, n_cases=1)
-    lie, name = 1024, b"padding.png"
+    lie, name = 1024, b"c0/padding.png"
     compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
     block = b"\0" * (1 << 20)
     head = compressor.compress(png_bytes(np.zeros((64, 64, 3), np.uint8)))  # a valid header first
@@ -115,10 +122,10 @@ def size_lying(path: Path, real_bytes: int = 1 << 30) -> Path:
         archive.writestr(info, b"\0" * lie)
     raw = bytearray(path.read_bytes())
     _replace_member_stream(raw, name, stream)
-    manifest = json.loads(zipfile.ZipFile(io.BytesIO(bytes(raw))).read("manifest.json"))
-    manifest["cases"][0]["images"][0]["file"] = "padding.png"
+    entry = json.loads(zipfile.ZipFile(io.BytesIO(bytes(raw))).read("c0/case.json"))
+    entry["images"][0]["file"] = "padding.png"
     path.write_bytes(bytes(raw))
-    return _rewrite_manifest(path, manifest)
+    return _rewrite_member(path, "c0/case.json", entry)
 
 
 def _replace_member_stream(raw: bytearray, name: bytes, stream: bytes) -> None:
@@ -148,27 +155,27 @@ def _replace_member_stream(raw: bytearray, name: bytes, stream: bytes) -> None:
     struct.pack_into("<I", raw, end + 16, struct.unpack_from("<I", raw, end + 16)[0] + shift)
 
 
-def _rewrite_manifest(path: Path, manifest: dict[str, Any]) -> Path:
-    """Append a newer manifest.json (zipfile reads the last entry of a name)."""
+def _rewrite_member(path: Path, name: str, body: dict[str, Any]) -> Path:
+    """Append a newer JSON member `name` (zipfile reads the last entry of a name)."""
     with zipfile.ZipFile(path, "a") as archive:
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            archive.writestr("manifest.json", json.dumps(manifest))
+            archive.writestr(name, json.dumps(body))
     return path
 
 
 def pixel_bomb(path: Path, side: int = 30_000) -> Path:
     """A case whose image header claims side x side pixels (once a DecompressionBombError traceback)."""
-    members = {"bomb.png": png_header_only(side, side), "mask.png": png_header_only(side, side)}
-    return _write(path, [case_entry("bomb", "bomb.png", "mask.png")], members)
+    members = {"c/bomb.png": png_header_only(side, side), "c/mask.png": png_header_only(side, side)}
+    return _write(path, [("c", case_entry("bomb", "bomb.png", "mask.png"))], members)
 
 
 def deep_manifest(path: Path, depth: int = 200_000) -> Path:
     """A manifest nested `depth` levels deep (once a RecursionError traceback)."""
     nested = (
-        b'{"schema_version": 1, "format": "medplib-cases", "cases": [' + b"[" * depth + b"]" * depth + b"]}"
+        b'{"schema_version": 2, "format": "medplib-cases", "cases": [' + b"[" * depth + b"]" * depth + b"]}"
     )
     return _write(path, [], {}, manifest=nested)
 
