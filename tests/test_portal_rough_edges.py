@@ -119,8 +119,11 @@ def test_logged_out_visitors_do_not_see_the_instructor_editor(tmp_path: Path) ->
     """Bug: logged-out visitors saw the whole instructor editor, including Delete and Publish."""
     from portal.instructor_tab import build_instructor_tab
 
+    from portal.context import PortalSettings
+
     class Ctx:
         store = CaseStore(str(tmp_path / "i.sqlite"), seed_starter=False)
+        settings = PortalSettings()
 
     with gr.Blocks() as demo:
         build_instructor_tab(Ctx)
