@@ -67,8 +67,8 @@ STARTER_PICKS: tuple[Pick, ...] = (
     Pick("fluo-stardist-nuclei-tile00", "nuclei", STUDENT, "fluo-nuclei", "Nuclei in fluorescence microscopy (1)"),
     Pick("fluo-stardist-nuclei-tile05", "nuclei", STUDENT, "fluo-nuclei", "Nuclei in fluorescence microscopy (2)"),
     Pick("fluo-stardist-nuclei-tile10", "nuclei", RESIDENT, "fluo-nuclei", "Nuclei in fluorescence microscopy (3)"),
-    Pick("fundus-skimage-retina", "retinal vessels", RESIDENT, "fundus-vessels", "Retinal vessels on a fundus photograph"),
-    Pick("fundus-skimage-retina", "optic disc", STUDENT, "fundus-disc", "Optic disc on a fundus photograph"),
+    Pick("fundus-skimage-retina-tile1", "retinal vessels", RESIDENT, "fundus-vessels", "Retinal vessels on a fundus photograph (one tile)"),
+    Pick("fundus-skimage-retina-tile3", "optic disc", STUDENT, "fundus-disc", "Optic disc on a fundus photograph (one tile)"),
     Pick("he-stardist-histo-tile0", "nuclei", STUDENT, "he-nuclei", "Nuclei in an H&E section (1)"),
     Pick("he-stardist-histo-tile1", "nuclei", RESIDENT, "he-nuclei", "Nuclei in an H&E section (2)"),
     Pick("he-stardist-histo-tile2", "nuclei", RESIDENT, "he-nuclei", "Nuclei in an H&E section (3)"),
@@ -80,7 +80,7 @@ STARTER_PICKS: tuple[Pick, ...] = (
     Pick("nm-pydicom-bonescan-tile1", "high tracer uptake", STUDENT, "nm-uptake",
          "Tracer uptake, planar whole-body scan (pelvis)"),
     Pick("nm-pydicom-bonescan-tile2", "body", STUDENT, "nm-body", "Body outline, planar whole-body scan (legs)"),
-    Pick("phase-skimage-cell", "cell", STUDENT, "phase-cell", "A single cell in quantitative phase microscopy"),
+    Pick("phase-skimage-cell-tile0", "cell", STUDENT, "phase-cell", "A cell in quantitative phase microscopy (a quarter tile)"),
 )  # fmt: skip
 
 
