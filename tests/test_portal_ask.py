@@ -77,9 +77,10 @@ def test_window_preset_changes_the_model_image(handlers, ct):
 def test_multiframe_dicom_gets_a_frame_slider(handlers):
     out = handlers.load(get_testdata_file("examples_ybr_color.dcm"), False)
     assert out[POSITION]["visible"] and out[POSITION]["maximum"] == 30
+    assert out[POSITION]["value"] == 16  # the middle frame, as the CLI's default (issue 20)
     assert out[WINDOW]["visible"] is False  # colour: no window
-    later = handlers.change_view(out[SESSION], 16, "axial", imageio.AUTO, False)
-    assert later[SESSION].index == 15 and "frame 16/30" in later[INFO]
+    later = handlers.change_view(out[SESSION], 1, "axial", imageio.AUTO, False)
+    assert later[SESSION].index == 0 and "frame 1/30" in later[INFO]
     assert not np.array_equal(later[PREVIEW], out[PREVIEW])
 
 
