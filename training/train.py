@@ -100,7 +100,7 @@ class TrainConfig:
     sam_embed: int = 96
     sam_depth: int = 2  # the last encoder block attends globally, the others in windows
     sam_prompt: int = 64
-    steps: tuple[int, int, int, int] = (1500, 1600, 1800, 900)  # until run 17: 1800 and 1500 (README: time)
+    steps: tuple[int, int, int, int] = (1500, 1600, 1800, 800)  # until run 17: 1800 and 1500; run 20: 900 (README: time)
     corpus_draws: int = 5  # train on the union of this many corpus draws (other templates / regions / labels)
     batch_size: int = 8
     lr: tuple[float, float, float, float] = (2e-3, 2e-3, 1e-3, 1e-3)
@@ -124,7 +124,7 @@ class TrainConfig:
     region_attention_weight: float = 1.0  # last layer: -log attention to the region vector (README: why)
     history_share: float = 0.3  # share of samples asked after earlier turns (README: why) ...
     presence_history_share: float = 0.1  # ... but of yes/no presence questions only this share (README: why)
-    evals: tuple[int, int] = (3, 1)  # val evaluations during stages 3 and 4 (the best is kept; about 25 s each)
+    evals: tuple[int, int] = (2, 1)  # val evaluations in stages 3 and 4 (the best is kept; ~50 s each since issue 20)
     val_limit: int | None = None  # score only the first N val samples (smoke tests)
     seed: int = SEED
 
@@ -892,7 +892,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="weight of the region attention loss (README); v7's settings: 0 with --history-share 0 "
                              "--presence-history-share 0 --threads 1 --steps 1500 1800 1800 1500 --evals 4 4")
     parser.add_argument("--evals", type=int, nargs=2, default=None, metavar=("S3", "S4"),
-                        help="val evaluations during stages 3 and 4 (default 3 1; runs up to 17: 4 4)")
+                        help="val evaluations during stages 3 and 4 (default 2 1; runs 18-20: 3 1; up to 17: 4 4)")
     parser.add_argument("--history-share", type=float, default=TrainConfig.history_share,
                         help="share of samples asked as follow-ups after earlier turns (README); run 16: 0")
     parser.add_argument("--presence-history-share", type=float, default=TrainConfig.presence_history_share,
