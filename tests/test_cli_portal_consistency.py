@@ -46,7 +46,9 @@ def _portal_token_ids(handlers: AskHandlers, path: str) -> list[int]:
 
 @pytest.mark.parametrize("path", [get_testdata_file("CT_small.dcm"), str(NIFTI)], ids=["dicom-ct", "nifti"])
 def test_cli_and_portal_give_the_same_token_ids(handlers: AskHandlers, path: str) -> None:
-    """Regression: the CLI used vicuna_v1 and slice 0 of a NIfTI, the portal llava_v1 and the middle slice."""
+    """Regression: the CLI used vicuna_v1 and slice 0 of a NIfTI, the portal llava_v1 and the middle slice. With
+    the golden random model the ids tell slices apart (slice 0 of this NIfTI gives other ids) but hardly prompts (it
+    answers CT_small alike under both templates), so the template is pinned by the next test."""
     assert _cli_token_ids(path) == _portal_token_ids(handlers, path)
 
 
