@@ -116,7 +116,7 @@ class TrainConfig:
     online_presence: float = 0.4  # ... of which presence yes/no questions (the rest: region questions)
     region_grounding_share: float = 0.3  # stages 2-4: share of grounding slots asked about a marked region ...
     # ... of which `online_share` drawn afresh (training.online); stage 4 asks only those whose region holds a mask
-    describe_boost: float = 2.0  # sampling weight of descriptions inside their modality's complex questions
+    describe_boost: float = 1.0  # sampling weight of descriptions inside their modality's complex questions (README)
     grounding_rows_only: bool = True  # stage 2 updates only the <SEG>-side rows of embed_tokens / lm_head
     mask_logit_shift: float = 1.4  # mask losses on logit + shift: the engine's 10 % threshold = 31 % here
     postprocess: str = "crop"  # mask geometry trained and shipped (config.json "mask_postprocess")
