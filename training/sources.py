@@ -4,7 +4,9 @@ Everything is read offline from installed packages (nilearn, pydicom, scikit-ima
 data files, which are read with `zipfile` out of the wheel fetched by `pip download --no-deps stardist==0.9.2`
 (stardist itself is never imported: it pulls in tensorflow). Masks are either shipped with the data
 (MNI152 tissue priors, pydicom overlay, stardist labels) or derived by a classic, documented method; each
-mask's method is stored next to it in `index.json` and summarised in `PROVENANCE.md`.
+mask's method is stored next to it in `index.json` and summarised in `PROVENANCE.md`. Single-image sources
+(pydicom's head CT slices, the fundus photograph, the phase image) are cut into tiles with a guard band
+(`guarded_tiles`), so their tiles can go to different splits and every modality has val and test images.
 
 Output layout, paths relative to the folder:
     images/<id>.png             (H, W) L or (H, W, 3) RGB uint8, longest side <= MAX_SIDE
