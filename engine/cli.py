@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.results import Answer, GenerationSettings
+from engine.conversation import DEFAULT_TEMPLATE, TEMPLATES
+from engine.results import Answer, GenerationSettings, answer_is_unfinished
 
 EXIT_BAD_INPUT = 2
 DEFAULT_QUESTION = "Please describe this image."
+UNFINISHED_NOTICE = "[the model gave no complete sentence: a small demo model outside what it was trained on]"
 log = logging.getLogger("engine.cli")
 
 
@@ -41,14 +43,16 @@ def add_ask_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the shipped small model)")
     p.add_argument("--revision", default=None, help="hub revision (with a hub id)")
     p.add_argument("--image", required=True, help="PNG/JPEG/TIFF/BMP, DICOM or NIfTI file")
-    p.add_argument("--frame", type=int, default=0, help="frame (DICOM) or slice (NIfTI, axial) index")
+    p.add_argument("--frame", type=int, default=None,
+                   help="frame (DICOM) or slice (NIfTI, axial) index (default: the middle one, as the portal)")
     p.add_argument("--question", default=DEFAULT_QUESTION)
     p.add_argument("--point", action="append", default=[], metavar="X,Y", help="point prompt (repeatable)")
     p.add_argument("--box", default=None, metavar="X1,Y1,X2,Y2", help="box prompt in pixels")
     p.add_argument("--sketch", default=None, metavar="MASK.png", help="free-form region: nonzero pixels")
     p.add_argument("--force-answer", default=None, help='teacher-force this answer, e.g. "<SEG>"')
-    p.add_argument("--template", default="vicuna_v1", choices=("vicuna_v1", "llava_v1"),
-                   help="vicuna_v1: the evaluation template (default, as the paper's scripts); llava_v1: training/demo")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, choices=sorted(TEMPLATES),
+                   help=f"default {DEFAULT_TEMPLATE}: the portal's, training's and `engine evaluate`'s; "
+                        "vicuna_v1: MedPLIB's evaluation scripts")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
@@ -65,13 +69,15 @@ def add_ask_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def read_rgb(path: str, frame: int = 0) -> np.ndarray:
-    from engine.imageio import ImageReadError, read_image, to_rgb
+def read_rgb(path: str, frame: int | None = None) -> np.ndarray:
+    """The image the model receives; `frame` None: the middle slice/frame (`imageio.default_index`, as the portal)."""
+    from engine.imageio import ImageReadError, default_index, read_image, to_rgb
 
     if not Path(path).is_file():
         raise UsageError(f"image not found: {path}")
     try:
-        return to_rgb(read_image(path), index=frame)
+        image = read_image(path)
+        return to_rgb(image, index=default_index(image) if frame is None else frame)
     except (ImageReadError, IndexError, ValueError) as err:
         raise UsageError(f"cannot read image {path}: {err}") from None
 
@@ -112,6 +118,7 @@ def _read_sketch(path: str, shape: tuple[int, int]) -> np.ndarray:
 def answer_json(answer: Answer, mask_png: str | None) -> dict:
     return {
         "answer": answer.text,
+        "unfinished": answer_is_unfinished(answer.text),
         "token_ids": list(answer.token_ids),
         "has_mask": answer.has_mask,
         "mask_area": answer.mask_area,
@@ -178,6 +185,8 @@ def run_ask(args: argparse.Namespace) -> int:
         print(json.dumps(answer_json(answer, mask_png)))
     else:
         print()
+        if answer_is_unfinished(answer.text):
+            print(UNFINISHED_NOTICE)
         print(f"[mask: {answer.mask_area} px{' → ' + mask_png if mask_png else ''}]" if answer.has_mask
               else "[no <SEG> in the answer: no mask]")
     return 0

@@ -66,6 +66,11 @@ LLAVA_V1 = ConversationTemplate(
 TEMPLATES: dict[str, ConversationTemplate] = {t.name: t for t in (VICUNA_V1, LLAVA_V1)}
 EVAL_TEMPLATE = "vicuna_v1"  # what MedPLIB's evaluation scripts use (`conv_templates['v1']`)
 TRAIN_TEMPLATE = "llava_v1"  # what training and the released demo use
+DEFAULT_TEMPLATE = TRAIN_TEMPLATE  # the CLI, the portal, `engine evaluate` and the quiz (GenerationSettings)
+# Region-conditioned grounding (training.corpus): the portal's Segment button asks exactly this, with the region,
+# when the question box is empty; the shipped model answers `<SEG>` with the mask of the labelled structure under
+# the region, or says in words that the region holds none.
+REGION_SEGMENT_QUESTION = "Please segment the structure in the marked region."
 
 
 def get_template(template: str | ConversationTemplate) -> ConversationTemplate:

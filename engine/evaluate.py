@@ -12,6 +12,12 @@ Metrics (MedPLIB `model/eval/vqa_infer.py` and `cal_metric.py`, re-implemented; 
              token F1 (multiset overlap) and BLEU-1 (clipped unigram precision × brevity penalty).
   region     region-VQA questions, exact match of the normalised answers. The region mask of
              `<region>path</region>` is fed as the region prompt (the reference evaluation forgot to).
+  region_mask  region-conditioned grounding ("Please segment the structure in the marked region." with a region,
+             task `region_grounding`): `region_mask_mDice` over the samples whose reference has a mask (Dice as
+             for grounding), `region_none_accuracy` over those whose region holds no structure (right when the
+             answer has no `<SEG>`); both per modality too.
+  describe   descriptions (`"kind": "describe"`): `describe_f1`, the token F1 against the reference sentence(s),
+             overall and per modality; they are left out of the open-question figures.
   expert_share  per layer, the share of tokens each expert handled, separately for grounding and for VQA
              prompts: `all` (prompt and generated tokens), `text` (the same without the 576 image tokens) and
              `answer` (only the positions that generated the answer, e.g. the one that predicted `<SEG>`).
@@ -35,17 +41,20 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.conversation import DEFAULT_TEMPLATE, TEMPLATES
 from engine.results import GenerationSettings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ASSETS = Path(__file__).resolve().parents[1] / "assets" / "medimages"
 SPLITS = ("train", "val", "test")
-DEFAULT_MAX_NEW_TOKENS = 48
+DEFAULT_MAX_NEW_TOKENS = 64  # the longest reference description is about 45 tokens of the shipped tokenizer
 _REGION_RE = re.compile(r"<region>(.*?)</region>")
 _MASK_RE = re.compile(r"<mask>(.*?)</mask>")
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 SEG_TOKEN = "<SEG>"
+GROUNDING_TASKS = ("grounding", "region_grounding")  # answered by the grounding expert (routing tally)
+DESCRIBE_KIND = "describe"
 
 
 class EvaluationInputError(ValueError):
@@ -106,7 +115,7 @@ class EvalSample:
     """One question: `question` has `<region>` where the region goes; paths are absolute."""
 
     id: str
-    task: str  # "grounding" | "region" | "complex"
+    task: str  # "grounding" | "region" | "complex" | "region_grounding"
     answer_type: str  # "open" | "closed"
     modality: str
     image: Path
@@ -114,6 +123,7 @@ class EvalSample:
     reference: str  # answer text without `<SEG>` / `<mask>…</mask>`
     region: Path | None
     gt_mask: Path | None
+    kind: str | None = None  # "describe" for descriptions
 
 
 def parse_sample(raw: dict, root: Path) -> EvalSample:
@@ -130,7 +140,8 @@ def parse_sample(raw: dict, root: Path) -> EvalSample:
         modality=raw.get("modality") or Path(raw["image"]).name.split("_")[0], image=image,
         question=_REGION_RE.sub("<region>", question).replace("<image>", "").strip(),
         reference=_MASK_RE.sub("", answer).replace(SEG_TOKEN, "").strip(),
-        region=root / region.group(1) if region else None, gt_mask=root / mask.group(1) if mask else None)
+        region=root / region.group(1) if region else None, gt_mask=root / mask.group(1) if mask else None,
+        kind=raw.get("kind"))
 
 
 def mask_class(path: Path | None) -> str | None:
@@ -216,8 +227,9 @@ class RoutingTally:
 class SampleResult:
     sample: EvalSample
     prediction: str
-    iou: float | None  # grounding only
+    iou: float | None  # samples with a reference mask only
     refused: bool = False  # the engine rejected the input (counted as wrong)
+    has_mask: bool = False  # the answer had `<SEG>`
 
 
 def _image_span(eng, sample: EvalSample, settings: GenerationSettings) -> tuple[int, int]:
@@ -244,7 +256,7 @@ def run_samples(eng, samples: Sequence[EvalSample], settings: GenerationSettings
                 handles = {sample.image: eng.set_image(_read_rgb(sample.image))}  # keep one image cached
             image = handles[sample.image]
             region = _read_mask(sample.region) if sample.region else None
-            tally.kind = "grounding" if sample.task == "grounding" else "vqa"
+            tally.kind = "grounding" if sample.task in GROUNDING_TASKS else "vqa"
             tally.image_span = _image_span(eng, sample, settings)
             try:
                 answer = eng.ask(image, sample.question, region=region, settings=settings)
@@ -254,8 +266,8 @@ def run_samples(eng, samples: Sequence[EvalSample], settings: GenerationSettings
                                             refused=True))
                 continue
             tally.add_answer(answer.experts)
-            iou = mask_iou(answer.mask, _read_mask(sample.gt_mask)) if sample.task == "grounding" else None
-            results.append(SampleResult(sample=sample, prediction=answer.text, iou=iou))
+            iou = mask_iou(answer.mask, _read_mask(sample.gt_mask)) if sample.gt_mask is not None else None
+            results.append(SampleResult(sample=sample, prediction=answer.text, iou=iou, has_mask=answer.has_mask))
     finally:
         tally.close()
     return results, tally
@@ -263,10 +275,14 @@ def run_samples(eng, samples: Sequence[EvalSample], settings: GenerationSettings
 
 def summarize(results: Sequence[SampleResult], tally: RoutingTally | None = None) -> dict:
     """The metrics dict (see module docstring); subsets with no sample report 0.0 and n = 0."""
-    ground = [r for r in results if r.sample.task == "grounding"]
+    ground = [r for r in results if r.sample.task == "grounding"]  # named structures only
     vqa = [r for r in results if r.sample.task == "complex"]
     closed = [r for r in vqa if r.sample.answer_type == "closed"]
-    open_ = [r for r in vqa if r.sample.answer_type != "closed"]
+    describe = [r for r in vqa if r.sample.kind == DESCRIBE_KIND]
+    open_ = [r for r in vqa if r.sample.answer_type != "closed" and r.sample.kind != DESCRIBE_KIND]
+    region_ground = [r for r in results if r.sample.task == "region_grounding"]
+    region_masks = [r for r in region_ground if r.sample.gt_mask is not None]
+    region_none = [r for r in region_ground if r.sample.gt_mask is None]
     region = [r for r in results if r.sample.task == "region"]
     by_mod: dict[str, list[float]] = defaultdict(list)
     by_class: dict[str, list[float]] = defaultdict(list)
@@ -275,8 +291,8 @@ def summarize(results: Sequence[SampleResult], tally: RoutingTally | None = None
         label = mask_class(r.sample.gt_mask)
         if label is not None:
             by_class[f"{r.sample.modality}: {label}"].append(r.iou)
-    exact = [normalize_answer(r.prediction) == normalize_answer(r.sample.reference) for r in closed]
-    region_exact = [normalize_answer(r.prediction) == normalize_answer(r.sample.reference) for r in region]
+    exact = [_exact(r) for r in closed]
+    region_exact = [_exact(r) for r in region]
     ious = [r.iou for r in ground]
     return {
         "mIoU": _mean(ious), "mDice": _mean([dice_from_iou(i) for i in ious]),
@@ -285,13 +301,45 @@ def summarize(results: Sequence[SampleResult], tally: RoutingTally | None = None
         "mDice_per_class": {c: _mean([dice_from_iou(i) for i in v]) for c, v in sorted(by_class.items())},
         "n_per_class": {c: len(v) for c, v in sorted(by_class.items())},
         "closed_accuracy": _mean(exact), "region_accuracy": _mean(region_exact),
+        "closed_accuracy_per_modality": _per_modality(closed, _exact),
+        "region_accuracy_per_modality": _per_modality(region, _exact),
+        "n_per_modality": _counts_per_modality(results),
         "open_recall": _mean([token_recall(r.prediction, r.sample.reference) for r in open_]),
         "open_f1": _mean([token_f1(r.prediction, r.sample.reference) for r in open_]),
         "bleu1": _mean([bleu1(r.prediction, r.sample.reference) for r in open_]),
+        "region_mask_mDice": _mean([dice_from_iou(r.iou) for r in region_masks]),
+        "region_mask_mDice_per_modality": _per_modality(region_masks, lambda r: dice_from_iou(r.iou)),
+        "region_none_accuracy": _mean([not r.has_mask and not r.refused for r in region_none]),
+        "region_none_accuracy_per_modality": _per_modality(region_none, lambda r: not r.has_mask and not r.refused),
+        "describe_f1": _mean([token_f1(r.prediction, r.sample.reference) for r in describe]),
+        "describe_f1_per_modality": _per_modality(describe, lambda r: token_f1(r.prediction, r.sample.reference)),
         "n": {"grounding": len(ground), "closed": len(closed), "open": len(open_), "region": len(region),
+              "region_mask": len(region_masks), "region_none": len(region_none), "describe": len(describe),
               "total": len(results), "refused": sum(r.refused for r in results)},
         "expert_share": tally.shares() if tally else {},
     }
+
+
+def _exact(r: SampleResult) -> bool:
+    return normalize_answer(r.prediction) == normalize_answer(r.sample.reference)
+
+
+def _counts_per_modality(results: Sequence[SampleResult]) -> dict[str, dict[str, int]]:
+    """modality -> {task: number of samples}; descriptions count as "describe", closed complex questions as
+    "closed", the other complex questions as "complex"."""
+    out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in results:
+        closed = r.sample.task == "complex" and r.sample.answer_type == "closed"
+        out[r.sample.modality][r.sample.kind or ("closed" if closed else r.sample.task)] += 1
+    return {m: dict(sorted(c.items())) for m, c in sorted(out.items())}
+
+
+def _per_modality(results: Sequence[SampleResult], score) -> dict[str, float]:
+    """modality -> mean of `score(result)` over `results` of that modality."""
+    by_mod: dict[str, list[float]] = defaultdict(list)
+    for r in results:
+        by_mod[r.sample.modality].append(float(score(r)))
+    return {m: _mean(v) for m, v in sorted(by_mod.items())}
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -326,7 +374,8 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-folder", type=Path, default=None,
                    help="folder the sample paths are relative to (default: the JSON's folder, else --assets)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
-    p.add_argument("--template", default="llava_v1", choices=("vicuna_v1", "llava_v1"))
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, choices=sorted(TEMPLATES),
+                   help=f"default {DEFAULT_TEMPLATE}, as the CLI, the portal and the quiz")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--postprocess", default=None, choices=("medplib", "crop"),
                    help="mask post-processing (default: the model's own)")
@@ -376,7 +425,13 @@ def _print_table(metrics: dict) -> None:
     lines += [f"closed     n={n['closed']:<4} accuracy {metrics['closed_accuracy']:.3f}",
               f"region     n={n['region']:<4} accuracy {metrics['region_accuracy']:.3f}",
               f"open       n={n['open']:<4} recall {metrics['open_recall']:.3f}  F1 {metrics['open_f1']:.3f}  "
-              f"BLEU-1 {metrics['bleu1']:.3f}"]
+              f"BLEU-1 {metrics['bleu1']:.3f}",
+              f"region-conditioned masks n={n['region_mask']:<4} mDice {metrics['region_mask_mDice']:.3f}; "
+              f"no structure n={n['region_none']} accuracy {metrics['region_none_accuracy']:.3f}",
+              f"describe   n={n['describe']:<4} F1 {metrics['describe_f1']:.3f}"]
+    for name in ("region_mask_mDice", "describe_f1"):
+        per = metrics[f"{name}_per_modality"]
+        lines.append(f"  {name} per modality: " + ", ".join(f"{m} {v:.3f}" for m, v in per.items()))
     for kind, parts in metrics["expert_share"].items():
         for part in ("text", "answer"):
             shares = " ".join("/".join(f"{s:.2f}" for s in layer) for layer in parts.get(part, []))

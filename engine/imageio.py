@@ -313,6 +313,12 @@ def n_slices(image: LoadedImage, plane: str = "axial") -> int:
     return image.volume.shape[2 - axis]
 
 
+def default_index(image: LoadedImage, plane: str = "axial") -> int:
+    """The slice or frame shown and asked about first: the middle one (NIfTI slices, DICOM frames). The CLI and
+    the portal both start here, so the same file gets the same answer."""
+    return n_slices(image, plane) // 2
+
+
 def slice_nifti(image: LoadedImage, plane: str, index: int) -> np.ndarray:
     """A 2-D slice of a RAS+ volume in radiological display orientation, (rows, cols) float32.
 

@@ -38,7 +38,7 @@ class GenerationSettings:
     temperature: float = 0.0
     seed: int | None = None
     force_answer: str | None = None
-    template: str = "llava_v1"  # "llava_v1" (training, demo) or "vicuna_v1" (evaluation)
+    template: str = "llava_v1"  # engine.conversation.DEFAULT_TEMPLATE; "vicuna_v1": MedPLIB's evaluation scripts
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,16 @@ class Answer:
     def mask_area(self) -> int:
         """Mask area in pixels (0 when there is no mask)."""
         return 0 if self.mask is None else int(self.mask.sum())
+
+
+# Words a finished English sentence does not end on: an answer ending on one of them was cut off or mixed from two
+# templates ("The image shows.", "This is a CT image of the.").
+DANGLING_WORDS = frozenset({"a", "an", "and", "are", "as", "at", "in", "is", "of", "on", "or", "show", "shows",
+                            "the", "to", "with"})
+
+
+def answer_is_unfinished(text: str) -> bool:
+    """True for an empty answer or one whose last word cannot end a sentence (`DANGLING_WORDS`). `<SEG>` and
+    other control tokens are not text: pass the user-facing `Answer.text`."""
+    words = text.strip().rstrip(".!?;:, ").split()
+    return not words or words[-1].lower() in DANGLING_WORDS

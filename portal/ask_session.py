@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from engine import imageio, processing
+from engine.conversation import REGION_SEGMENT_QUESTION
 from engine.imageio import LoadedImage
 from engine.results import Answer, GenerationSettings
 from portal import overlay, texts
@@ -52,12 +53,12 @@ class AskSession:
 
 
 def load(path: str | Path) -> AskSession:
-    """Read an uploaded file and show its middle slice (NIfTI) or first frame. Raises ImageReadError."""
+    """Read an uploaded file and show its middle slice or frame. Raises ImageReadError."""
     image = imageio.read_image(path)
     _check_shape(image)
     image, note = _flatten_transparency(image, Path(path))
     note = " ".join(n for n in (note, _four_d_note(image, Path(path))) if n)
-    index = imageio.n_slices(image, "axial") // 2 if image.kind == "nifti" else 0
+    index = imageio.default_index(image, "axial")  # the CLI's default too
     return replace(with_view(AskSession(image=image), index=index, plane="axial", preset=None), note=note)
 
 
@@ -249,9 +250,15 @@ def prepare_question(question: str | None, has_region: bool, max_chars: int) -> 
     return text
 
 
-def segment_question(session: AskSession, question: str | None) -> str:
-    """The question Segment asks: the typed one, else the last question of the conversation (may be "")."""
-    return (question or "").strip() or session.last_question
+def segment_request(session: AskSession, question: str | None, tool: str) -> tuple[str, str | None]:
+    """(question, forced answer) of the Segment button. A typed question is asked with the answer forced to
+    `<SEG>`. With an empty box and a region tool chosen it asks `REGION_SEGMENT_QUESTION` unforced, so the model
+    may answer with the mask of the structure under the region or say that there is none; otherwise it asks the
+    last question of the conversation again (may be ""), forced to `<SEG>`."""
+    typed = (question or "").strip()
+    if not typed and tool != "None" and session.rgb is not None:
+        return REGION_SEGMENT_QUESTION, None
+    return typed or session.last_question, texts.SEG_FORCE_ANSWER
 
 
 def with_handle(session: AskSession, engine: Any) -> AskSession:

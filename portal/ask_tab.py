@@ -16,7 +16,7 @@ from typing import Any
 import gradio as gr
 
 from engine import imageio
-from engine.results import Answer, GenerationSettings
+from engine.results import Answer, GenerationSettings, answer_is_unfinished
 from portal import ask_session as steps
 from portal import exports, texts
 from portal.ask_session import AskSession, UserInputError
@@ -144,12 +144,11 @@ class AskHandlers:
         """Like ask, but the answer is forced to `<SEG>`, so a mask is always decoded.
 
         An empty question box re-asks the last question (the box is cleared after every answer, and
-        "ask, then press Segment" is how users ask for the mask of what they just asked about).
+        "ask, then press Segment" is how users ask for the mask of what they just asked about); with a
+        region tool chosen it asks for the structure under the region instead (`steps.segment_request`).
         """
-        question = steps.segment_question(session, question)
-        yield from self._answer(
-            session, question, tool, sketch, (opacity, style, color), texts.SEG_FORCE_ANSWER
-        )
+        question, force = steps.segment_request(session, question, tool)
+        yield from self._answer(session, question, tool, sketch, (opacity, style, color), force)
 
     def _answer(
         self,
@@ -245,8 +244,11 @@ def render_chat(
             content = texts.CHAT_MASK_ONLY.format(pixels=area)
         if last is not None and i == len(history) - 1:
             if last.has_mask and not answer.strip():
-                content = texts.CHAT_MASK_ONLY.format(pixels=last.mask_area)
+                empty = last.mask_area == 0
+                content = texts.CHAT_EMPTY_MASK if empty else texts.CHAT_MASK_ONLY.format(pixels=last.mask_area)
             else:
+                if answer_is_unfinished(answer):
+                    content += "\n\n" + texts.CHAT_UNFINISHED
                 content += (
                     f"\n\n*(mask: {last.mask_area:,} px)*" if last.has_mask else "\n\n*(no `<SEG>`, no mask)*"
                 )

@@ -52,7 +52,8 @@ ASK_BUTTON = "Ask"
 SEGMENT_BUTTON = "Segment"
 SEGMENT_HELP = (
     "**Segment** makes the model answer with `<SEG>`, so a mask is always decoded. "
-    "With an empty question box it asks your last question again, this time for a mask."
+    "With an empty question box it asks your last question again, this time for a mask; with a marked region "
+    "and an empty box it asks for the structure under the region (and says so when there is none)."
 )
 UNDO_BUTTON = "Undo mark"
 CLEAR_BUTTON = "Clear marks"
@@ -60,6 +61,11 @@ NEW_CHAT_BUTTON = "New conversation"
 CHAT_LABEL = "Conversation (the image is encoded once and reused for follow-up questions)"
 CHAT_NO_TEXT = "*(no text)*"
 CHAT_MASK_ONLY = "*(answered with `<SEG>` only: a mask of {pixels:,} px, shown in the mask overlay)*"
+CHAT_EMPTY_MASK = "*(answered with `<SEG>`, but the mask is empty: no pixel above the threshold)*"
+CHAT_UNFINISHED = (
+    "*(the model gave no complete sentence: this small demo model only knows the bundled images; "
+    "try another question)*"
+)
 OVERLAY_LABEL = "Mask overlay"
 OPACITY_LABEL = "Opacity"
 STYLE_LABEL = "Mask style"

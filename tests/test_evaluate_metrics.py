@@ -106,7 +106,44 @@ def test_summary_splits_subsets_and_modalities() -> None:
     assert m["mDice_per_modality"] == {"CT": 0.0, "MRI": pytest.approx(round((2 / 3 + 1) / 2, 4))}
     assert m["closed_accuracy"] == 0.5 and m["region_accuracy"] == 0.5
     assert m["open_recall"] == m["open_f1"] == m["bleu1"] == 1.0
-    assert m["n"] == {"grounding": 3, "closed": 2, "open": 1, "region": 2, "total": 8, "refused": 0}
+    assert m["n"] == {"grounding": 3, "closed": 2, "open": 1, "region": 2, "region_mask": 0, "region_none": 0,
+                      "describe": 0, "total": 8, "refused": 0}
+    assert m["region_accuracy_per_modality"] == {"MRI": 0.5} and m["closed_accuracy_per_modality"] == {"MRI": 0.5}
+    assert m["n_per_modality"]["CT"] == {"grounding": 1}
+
+
+def test_summary_scores_region_conditioned_masks_and_descriptions_apart() -> None:
+    """Issue 20: `region_mask_mDice` (region-conditioned grounding with a reference mask), `region_none_accuracy`
+    (its regions over no structure: right without `<SEG>`) and `describe_f1`, overall and per modality; neither
+    task changes the grounding or open-question figures."""
+    def region_ground(iou: float | None, has_mask: bool, modality: str = "MRI") -> SampleResult:
+        sample = EvalSample(id="r", task="region_grounding", answer_type="open", modality=modality,
+                            image=Path("i.png"), question="q <region>", reference="", region=Path("r.png"),
+                            gt_mask=None if iou is None else Path("m/a--brain.png"))
+        return SampleResult(sample=sample, prediction="", iou=iou, has_mask=has_mask)
+
+    def describe(prediction: str, reference: str, modality: str) -> SampleResult:
+        sample = EvalSample(id="d", task="complex", answer_type="open", modality=modality, image=Path("i.png"),
+                            question="Describe the image.", reference=reference, region=None, gt_mask=None,
+                            kind="describe")
+        return SampleResult(sample=sample, prediction=prediction, iou=None)
+
+    results = [
+        _result("grounding", "open", "", "", iou=1.0),
+        region_ground(0.5, True), region_ground(0.0, True, "CT"), region_ground(None, False),
+        region_ground(None, True, "CT"),
+        describe("This is a CT image of the head.", "This is a CT image of the head.", "CT"),
+        describe("", "This is an MRI image.", "MRI"),
+        _result("complex", "open", "The modality is CT.", "The modality is CT."),
+    ]
+    m = summarize(results)
+    assert m["mDice"] == 1.0 and m["n"]["grounding"] == 1 and m["open_f1"] == 1.0 and m["n"]["open"] == 1
+    assert m["region_mask_mDice"] == pytest.approx(round((2 * 0.5 / 1.5 + 0.0) / 2, 4))
+    assert m["region_mask_mDice_per_modality"] == {"CT": 0.0, "MRI": pytest.approx(round(2 / 3, 4))}
+    assert m["region_none_accuracy"] == 0.5 and m["region_none_accuracy_per_modality"] == {"CT": 0.0, "MRI": 1.0}
+    assert m["describe_f1"] == 0.5 and m["describe_f1_per_modality"] == {"CT": 1.0, "MRI": 0.0}
+    assert (m["n"]["region_mask"], m["n"]["region_none"], m["n"]["describe"]) == (2, 2, 2)
+    assert m["n_per_modality"]["MRI"] == {"complex": 1, "describe": 1, "grounding": 1, "region_grounding": 2}
 
 
 def test_mask_class_reads_mecovqa_and_corpus_mask_names() -> None:

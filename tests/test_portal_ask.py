@@ -77,9 +77,10 @@ def test_window_preset_changes_the_model_image(handlers, ct):
 def test_multiframe_dicom_gets_a_frame_slider(handlers):
     out = handlers.load(get_testdata_file("examples_ybr_color.dcm"), False)
     assert out[POSITION]["visible"] and out[POSITION]["maximum"] == 30
+    assert out[POSITION]["value"] == 16  # the middle frame, as the CLI's default (issue 20)
     assert out[WINDOW]["visible"] is False  # colour: no window
-    later = handlers.change_view(out[SESSION], 16, "axial", imageio.AUTO, False)
-    assert later[SESSION].index == 15 and "frame 16/30" in later[INFO]
+    later = handlers.change_view(out[SESSION], 1, "axial", imageio.AUTO, False)
+    assert later[SESSION].index == 0 and "frame 1/30" in later[INFO]
     assert not np.array_equal(later[PREVIEW], out[PREVIEW])
 
 
@@ -328,17 +329,42 @@ def test_answer_without_seg_says_no_mask(ct):
 
 def test_segment_with_an_empty_box_asks_the_last_question_for_a_mask(handlers, ct):
     """Regression: Ask clears the question box, so pressing Segment next raised 'Type a question first'."""
-    session, _, _ = handlers.click(ct, "Point", _click(64, 64))
-    asked = _final(handlers.ask(session, "What is in the marked region?", "Point", None, *LOOK))
-    assert asked[2] == gr.skip() and asked[0].history[-1][0] == "What is in the marked region? <region>"
-    final = _final(handlers.segment(asked[0], "", "Point", None, *LOOK))
+    asked = _final(handlers.ask(ct, "What does this image show?", "None", None, *LOOK))
+    assert asked[2] == gr.skip() and asked[0].history[-1][0] == "What does this image show?"
+    final = _final(handlers.segment(asked[0], "", "None", None, *LOOK))
     session = final[0]
-    assert [q for q, _ in session.history] == ["What is in the marked region? <region>"] * 2
+    assert [q for q, _ in session.history] == ["What does this image show?"] * 2
     assert session.answer.mask is not None and session.last_settings.force_answer == texts.SEG_FORCE_ANSWER
-    assert final[CHAT][2]["content"] == "What is in the marked region? `<region>`"
     fresh = handlers.new_chat(session)[0]
     with pytest.raises(gr.Error, match="Type a question"):
-        _final(handlers.segment(fresh, "", "Point", None, *LOOK))
+        _final(handlers.segment(fresh, "", "None", None, *LOOK))
+
+
+def test_segment_with_a_region_and_an_empty_box_asks_for_the_structure_in_the_region(handlers, ct):
+    """Issue 20: a marked structure and Segment gave a useless forced mask of the last question; now it asks the
+    question the model is trained for, unforced, so it may answer "no structure there" in words."""
+    from engine.conversation import REGION_SEGMENT_QUESTION
+
+    session, _, _ = handlers.click(ct, "Point", _click(64, 64))
+    asked = _final(handlers.ask(session, "What is in the marked region?", "Point", None, *LOOK))
+    final = _final(handlers.segment(asked[0], "", "Point", None, *LOOK))
+    session = final[0]
+    assert session.history[-1][0] == f"{REGION_SEGMENT_QUESTION} <region>"
+    assert session.last_settings.force_answer is None and session.last_region["kind"] == "point"
+    assert steps.segment_request(session, "  ", "Sketch") == (REGION_SEGMENT_QUESTION, None)
+    assert steps.segment_request(session, "Segment the bone.", "Point") == ("Segment the bone.", texts.SEG_FORCE_ANSWER)
+
+
+def test_chat_never_shows_an_empty_or_unfinished_answer_without_a_note(ct):
+    """Issue 20: empty answers, half templates ("The image shows.") and empty masks each get a clear note."""
+    def chat(text: str, mask: np.ndarray | None) -> str:
+        answer = Answer(text=text, token_ids=(1,), mask=mask, mask_logits=None, low_res_logits=None, experts=((0,),))
+        return render_chat(steps.after_answer(ct, "Describe the image.", answer, None, None).history, answer)[-1][
+            "content"]
+
+    assert texts.CHAT_UNFINISHED in chat("", None) and texts.CHAT_UNFINISHED in chat("The image shows.", None)
+    assert texts.CHAT_UNFINISHED not in chat("This is a CT image of the spine.", None)
+    assert chat("", np.zeros((4, 4), bool)) == texts.CHAT_EMPTY_MASK
 
 
 def test_a_mask_only_answer_says_so_in_the_chat(handlers, ct):

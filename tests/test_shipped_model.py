@@ -28,6 +28,16 @@ MAX_CHECKPOINT_BYTES = 25 * 1024 * 1024
 FLOORS = {"mDice": 0.70, "closed_accuracy": 0.80, "region_accuracy": 0.75}
 MODALITY_DICE_FLOORS = {"MRI": 0.60, "fluorescence microscopy": 0.85, "histopathology": 0.65,
                         "nuclear medicine": 0.75}
+# The floors above hold on the modalities v8 had test images of. Issue 20 cut the single CT, fundus and phase images
+# into tiles (and added two head CT slices), so the CI subset now has test tiles of every modality, which v8 was not
+# trained for (on them it scores region 0/4 for phase, fundus grounding 0.0). Until the retrain of issue 20 ships,
+# the v8 floors are checked on these four modalities, and the targets on all of them are a strict xfail below.
+FLOOR_MODALITIES = tuple(MODALITY_DICE_FLOORS)
+# Issue 20's targets on the CI subset, a little below the issue's test-split targets (few samples per modality).
+ISSUE_20_FLOORS = {"region_mask_mDice": 0.60, "describe_f1": 0.50, "region_none_accuracy": 0.60}
+ISSUE_20_MODALITY_DICE_FLOOR = 0.50
+NOT_YET_TRAINED = ("v8 predates issue 20: it never saw descriptions, region-conditioned grounding or the new test "
+                   "tiles (training/README.md: the retrain that ships them); unmark when that model ships")
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(),
                                 reason="models/medplib-tiny is not shipped in this checkout")
@@ -61,17 +71,74 @@ def test_load_engine_without_argument_segments_the_brain() -> None:
     assert iou > 0.7
 
 
-def test_evaluate_cli_on_the_ci_subset_meets_the_floors() -> None:
+@pytest.fixture(scope="module")
+def ci_metrics() -> dict:
+    """`python -m engine evaluate --data ci_subset.json --json`, run once for the tests below."""
     out = subprocess.run([sys.executable, "-m", "engine", "evaluate", "--data", str(CI_SUBSET), "--json"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+                         cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    metrics = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _over(metrics: dict, key: str, task: str, modalities: tuple[str, ...]) -> float:
+    """`metrics[key]` (mDice, closed_accuracy, region_accuracy) over `modalities` only, from its per-modality
+    figures weighted by their sample counts."""
+    per = metrics[f"{key}_per_modality"]
+    counts = {m: metrics["n_per_modality"][m].get(task, 0) for m in modalities if m in per}
+    return sum(per[m] * n for m, n in counts.items()) / max(sum(counts.values()), 1)
+
+
+def test_evaluate_cli_on_the_ci_subset_meets_the_floors(ci_metrics: dict) -> None:
+    metrics = ci_metrics
     assert metrics["n"]["grounding"] >= 5 and metrics["n"]["region"] >= 5 and metrics["n"]["closed"] >= 2
+    tasks = {"mDice": "grounding", "closed_accuracy": "closed", "region_accuracy": "region"}
     for key, floor in FLOORS.items():
-        assert metrics[key] >= floor, f"{key} {metrics[key]:.3f} < {floor} ({metrics})"
+        value = _over(metrics, key, tasks[key], FLOOR_MODALITIES)
+        assert value >= floor, f"{key} {value:.3f} < {floor} ({metrics})"
     for modality, floor in MODALITY_DICE_FLOORS.items():
         assert metrics["mDice_per_modality"][modality] >= floor, f"{modality}: {metrics['mDice_per_modality']}"
     assert set(metrics["expert_share"]) == {"grounding", "vqa"}
+
+
+def test_the_ci_subset_scores_every_bundled_modality_and_the_new_tasks(ci_metrics: dict) -> None:
+    """Issue 20: test tiles of all seven modalities, region-conditioned masks and descriptions are scored."""
+    assert len(ci_metrics["mDice_per_modality"]) >= 7
+    assert ci_metrics["n"]["region_mask"] >= 5 and ci_metrics["n"]["region_none"] >= 3
+    assert ci_metrics["n"]["describe"] >= 7
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_YET_TRAINED)
+def test_every_modality_and_the_new_tasks_meet_the_floors(ci_metrics: dict) -> None:
+    """Issue 20's targets on the CI subset: every modality segmented, region-conditioned masks, no-structure regions
+    answered in words, descriptions, and the v8 floors over all seven modalities."""
+    for key, floor in (*FLOORS.items(), *ISSUE_20_FLOORS.items()):
+        assert ci_metrics[key] >= floor, f"{key} {ci_metrics[key]:.3f} < {floor}"
+    for modality, dice in ci_metrics["mDice_per_modality"].items():
+        assert dice >= ISSUE_20_MODALITY_DICE_FLOOR, f"{modality}: {dice:.3f}"
+
+
+def _out_of_corpus_images() -> list[np.ndarray]:
+    """The issue's images: pydicom's CT_small and MR_small as files (the corpus holds only resized, windowed cuts of
+    them), pydicom ultrasound samples and photographs, which the corpus never holds."""
+    from pydicom.data import get_testdata_file
+    from skimage import data
+
+    from engine import imageio
+
+    dicoms = [imageio.to_rgb(imageio.read_image(get_testdata_file(name, download=False))) for name in
+              ("CT_small.dcm", "MR_small.dcm", "examples_rgb_color.dcm", "examples_palette.dcm")]
+    return [*dicoms, np.stack([data.camera()] * 3, axis=-1), data.astronaut()]
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_YET_TRAINED)
+def test_describe_the_image_is_answered_in_complete_sentences_outside_the_corpus() -> None:
+    """Issue 20: v8 answered the portal's own chip "Describe the image." with an empty string or half a template."""
+    from engine import load_engine
+    from engine.results import answer_is_unfinished
+
+    eng = load_engine()
+    answers = [eng.ask(eng.set_image(rgb), "Describe the image.").text for rgb in _out_of_corpus_images()]
+    assert not [a for a in answers if answer_is_unfinished(a)], answers
 
 
 def test_the_mask_follows_the_structure_named_in_the_question() -> None:
@@ -100,11 +167,12 @@ FIRST_QUESTION = "What is the modality of this image?"
 
 
 def _ci_samples(task: str | None = None) -> list:
-    """The CI subset as `engine.evaluate` parses it (question with `<region>`, absolute region/mask paths)."""
+    """The CI subset as `engine.evaluate` parses it (question with `<region>`, absolute region/mask paths), of the
+    modalities the v8 floors hold on (FLOOR_MODALITIES)."""
     from engine.evaluate import load_samples
 
     samples = load_samples(json.loads(CI_SUBSET.read_text()), ASSETS)
-    return [s for s in samples if task is None or s.task == task]
+    return [s for s in samples if (task is None or s.task == task) and s.modality in FLOOR_MODALITIES]
 
 
 def _read_mask(path: Path) -> np.ndarray:

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.results import answer_is_unfinished
 from training import corpus as corpus_mod
-from training.sources import MAX_SIDE, SPLITS, Extracted, assign_splits, prompt_regions
+from training.sources import MAX_SIDE, SPLITS, Extracted, assign_splits, guarded_tiles, prompt_regions
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "medimages"
 RECORD_KEYS = {"id", "image", "masks", "modality", "organ", "plane", "source", "source_group", "licence",
@@ -157,3 +158,75 @@ def test_ci_subset_is_a_fixed_slice_of_the_test_split(corpus: dict) -> None:
     committed = json.loads((ASSETS / "ci_subset.json").read_text())
     assert committed == corpus_mod.ci_subset(corpus)
     assert {s["task"] for s in committed} == set(corpus_mod.TASK_FILES)
+
+
+def test_every_bundled_modality_is_in_the_test_split_with_masks(index: list[dict], corpus: dict) -> None:
+    """Issue 20: CT, fundus photography and phase microscopy had one source image each, all in train."""
+    modalities = {r["modality"] for r in index}
+    for split in ("val", "test"):
+        grounded = {s["modality"] for s in corpus[split]["grounding"]}
+        assert grounded == modalities, (split, modalities - grounded)
+    assert len(modalities) >= 7
+
+
+def test_guarded_tiles_are_disjoint_and_a_guard_band_apart() -> None:
+    tiles = list(guarded_tiles(100, 90, rows=3, cols=3, guard=16))
+    assert [t[0] for t in tiles] == list(range(9))
+    covered = np.zeros((100, 90), int)
+    for _, r0, r1, c0, c1 in tiles:
+        covered[r0:r1, c0:c1] += 1
+    assert covered.max() == 1
+    (_, _, top_r1, _, left_c1), (_, _, _, right_c0, _) = tiles[0], tiles[1]
+    assert right_c0 - left_c1 == 16 and tiles[3][1] - top_r1 == 16
+    assert tiles[0][1] == tiles[0][3] == 0 and tiles[-1][2] == 100 and tiles[-1][4] == 90  # outer edges kept
+
+
+def test_tiled_sources_keep_each_tile_in_one_split(index: list[dict]) -> None:
+    for prefix in ("ct-pydicom-head-", "fundus-skimage-retina-tile", "phase-skimage-cell-tile"):
+        records = [r for r in index if r["id"].startswith(prefix)]
+        assert {r["split"] for r in records} == set(SPLITS), prefix
+        for r in records:
+            assert r["source"]["slice"].startswith("tile rows"), r["id"]
+
+
+def test_descriptions_are_complete_sentences_from_the_record(index: list[dict], corpus: dict) -> None:
+    by_image = {r["image"]: r for r in index}
+    samples = [s for split in SPLITS for s in corpus[split]["complex"] if s.get("kind") == "describe"]
+    assert len(samples) == len(index), "one description per image and corpus draw"
+    for s in samples:
+        record, answer = by_image[s["image"]], s["conversations"][1]["value"]
+        assert s["conversations"][0]["value"].removeprefix("<image>\n") in corpus_mod.DESCRIBE_QUESTIONS
+        assert answer.endswith(".") and not answer_is_unfinished(answer)
+        assert corpus_mod.MODALITY_PHRASES[record["modality"]] in answer
+        for sentence in answer.split(". "):
+            assert not answer_is_unfinished(sentence), answer
+        for m in record["masks"]:
+            assert m["label"] in answer, (m["label"], answer)
+        if record["organ"]:
+            assert record["organ"] in answer
+    openings = {s["conversations"][1]["value"].split(" ")[0:2][1] for s in samples}
+    assert len(openings) >= 2, "the wording varies"
+
+
+def test_region_grounding_targets_the_structure_under_the_region(index: list[dict], corpus: dict) -> None:
+    """Issue 20: "Please segment the structure in the marked region." -> `<SEG>` with the mask of the structure the
+    region holds (the region questions' rule), or words and no mask when it holds none."""
+    by_image = {r["image"]: r for r in index}
+    seen = set()
+    for s in (s for split in SPLITS for s in corpus[split]["region_grounding"]):
+        question, answer = s["conversations"][0]["value"], s["conversations"][1]["value"]
+        (region_path,) = REGION_RE.findall(question)
+        region = _png(region_path) > 127
+        record = by_image[s["image"]]
+        masks = {m["label"]: _png(m["path"]) > 127 for m in record["masks"]}
+        if answer == corpus_mod.NO_STRUCTURE_ANSWER:
+            assert not any((region & m).any() for m in masks.values())
+            seen.add("none")
+            continue
+        (mask_path,) = MASK_RE.findall(answer)
+        label = corpus_mod.region_label(region, masks)
+        assert answer.startswith("<SEG>") and label is not None
+        assert mask_path == next(m["path"] for m in record["masks"] if m["label"] == label)
+        seen.add("mask")
+    assert seen == {"none", "mask"}
+    assert corpus_mod.REGION_SEGMENT_QUESTIONS[0].format(region="").startswith(corpus_mod.REGION_SEGMENT_QUESTION)

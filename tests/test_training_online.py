@@ -11,7 +11,14 @@ import pytest
 
 from engine.processing import clip_preprocess, region_grid
 from training import corpus as corpus_mod
-from training.online import OnlineImage, background_answer, load_online_images, presence_sample, region_sample
+from training.online import (
+    OnlineImage,
+    background_answer,
+    load_online_images,
+    presence_sample,
+    region_grounding_sample,
+    region_sample,
+)
 from training.train import Example, augment
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "medimages"
@@ -55,13 +62,39 @@ def test_region_answers_follow_the_corpus_rule_and_wording(images: list[OnlineIm
     assert seen == {"yes/no", "background", "label"}
 
 
+def test_region_grounding_draws_target_the_structure_under_a_fresh_region(images: list[OnlineImage]) -> None:
+    """Issue 20: the mask of the structure the region holds (`region_label`), or words and no mask for a point on
+    background; stage 4 (negatives=False) never gets a draw without a mask."""
+    rng = random.Random(3)
+    wording = {t.format(region="").replace("<region></region>", "<region>")
+               for t in corpus_mod.REGION_SEGMENT_QUESTIONS}
+    seen = set()
+    for _ in range(300):
+        item = rng.choice(images)
+        s = region_grounding_sample(item, rng)
+        if s is None:
+            continue
+        assert s.task == "region_grounding" and s.question in wording and region_grid(s.region).any()
+        if s.gt is None:
+            assert s.answer == corpus_mod.NO_STRUCTURE_ANSWER and not (s.region & item.union).any()
+            seen.add("none")
+        else:
+            assert s.answer == corpus_mod.SEG_TOKEN and s.label == corpus_mod.region_label(s.region, item.masks)
+            assert s.gt is item.masks[s.label]
+            seen.add("mask")
+    assert seen == {"none", "mask"}
+    drawn = [region_grounding_sample(rng.choice(images), rng, negatives=False) for _ in range(100)]
+    assert all(s.gt is not None for s in drawn if s is not None)
+
+
 def test_presence_answers_match_the_labels_of_the_image(images: list[OnlineImage]) -> None:
     rng = random.Random(1)
     answers = set()
     for _ in range(200):
         item = rng.choice(images)
         s = presence_sample(item, rng)
-        label = next(lab for lab in (*item.masks, *item.absent) if lab in s.question)
+        # the longest label named: "lesion" is also inside "Is any liver lesion visible?"
+        label = max((lab for lab in (*item.masks, *item.absent) if lab in s.question), key=len)
         assert s.answer == ("yes" if label in item.masks else "no")
         answers.add(s.answer)
     assert answers == {"yes", "no"}

@@ -19,6 +19,7 @@ def test_four_stages_write_a_loadable_released_checkpoint(tmp_path: Path) -> Non
     summary = train(assets=ASSETS, out=tmp_path / "tiny", cfg=cfg)
 
     assert summary["best_stage_step"] in ([3, 2], [4, 2]) and summary["val"]["n"]["total"] == 6
+    assert {"region_mask_mDice", "region_none_accuracy", "describe_f1"} <= summary["val"].keys()  # issue 20
     readout = summary["stage1_readout"]  # teacher-forced, right after stage 1
     assert set(readout) == {"region", "closed"} and all(np.isnan(v) or 0 <= v <= 1 for v in readout.values())
     files = {p.name for p in (tmp_path / "tiny").iterdir()}

@@ -1,18 +1,24 @@
-"""Build a MeCoVQA-format mini corpus (complex VQA, region VQA, grounding) from an asset folder.
+"""Build a MeCoVQA-format mini corpus (complex VQA with descriptions, region VQA, grounding, region-conditioned
+grounding) from an asset folder.
 
 Reads `<assets>/index.json` written by `training.sources` and writes, for each split in train/val/test:
 `<split>.json` (all three tasks, like `MeCoVQA_train.json`) and `MeCoVQA_Complex_VQA_<split>.json`,
-`MeCoVQA_Region_VQA_<split>.json`, `MeCoVQA_Grounding_<split>.json`. Every path in a sample is relative to
+`MeCoVQA_Region_VQA_<split>.json`, `MeCoVQA_Grounding_<split>.json`, `MeCoVQA_Region_Grounding_<split>.json`. Every path in a sample is relative to
 the asset folder (use it as `--image_folder`). Sample format (reference/medplib.md section 7.2):
 
     {"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
                                       {"from": "gpt", "value": "..."}],
-     "answer_type": "open" | "closed", "modality", "task": "complex" | "region" | "grounding"}
+     "answer_type": "open" | "closed", "modality",
+     "task": "complex" | "region" | "grounding" | "region_grounding", ["kind": "describe"]}
 
 Region questions carry `<region>regions/...png</region>` (a point square, a box, or `masks/...png` as a
-sketch); grounding answers are `<SEG><mask>masks/...png</mask>`. Splits come from the `split` field of
+sketch); grounding answers are `<SEG><mask>masks/...png</mask>`. Region-conditioned grounding asks for the
+structure under a region ("Please segment the structure in the marked region. <region>...</region>"): `<SEG>` and
+its mask, or, for a background point, `NO_STRUCTURE_ANSWER` in words. Descriptions ("Describe the image.") are
+open complex questions with `"kind": "describe"`, answered in complete sentences (`describe_answer`). Splits come from the `split` field of
 each index record (decided per source slice by `training.sources.assign_splits`). Deterministic: one
-`random.Random(seed)` walks the records in id order.
+`random.Random(seed)` walks the records in id order for the first three tasks; descriptions and region-conditioned
+grounding draw from a generator per record, so adding them left the other samples unchanged.
 
 Usage: `python -m training.corpus --assets assets/medimages --out <dir> [--ci-subset]`.
 """
@@ -30,15 +36,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from engine.conversation import REGION_SEGMENT_QUESTION
 from engine.processing import region_grid
 
 log = logging.getLogger(__name__)
 
 SEED = 20250101
 SPLITS = ("train", "val", "test")
-TASK_FILES = {"complex": "MeCoVQA_Complex_VQA", "region": "MeCoVQA_Region_VQA", "grounding": "MeCoVQA_Grounding"}
+TASK_FILES = {"complex": "MeCoVQA_Complex_VQA", "region": "MeCoVQA_Region_VQA", "grounding": "MeCoVQA_Grounding",
+              "region_grounding": "MeCoVQA_Region_Grounding"}
+GROUNDING_TASKS = ("grounding", "region_grounding")  # tasks answered by the grounding expert
 CI_SUBSET_NAME = "ci_subset.json"
 CI_PER_TASK_AND_MODALITY = 4
+CI_DESCRIPTIONS_PER_MODALITY = 2
 SEG_TOKEN = "<SEG>"
 
 MODALITY_QUESTIONS = (
@@ -79,6 +89,47 @@ GROUNDING_QUESTIONS = (
     "Please delineate the {label} in this image.",
 )
 
+# Descriptions (MeCoVQA-C's descriptive questions): complete sentences from what the record knows.
+DESCRIBE_QUESTIONS = (
+    "Describe the image.",
+    "Please describe this image.",
+    "What does this image show?",
+    "Summarise the findings.",
+    "Can you describe this image?",
+    "Give a short description of this image.",
+)
+DESCRIBE_KIND = "describe"  # the sample's "kind": `engine evaluate` scores these with describe_f1
+MODALITY_PHRASES = {
+    "MRI": "an MRI image", "CT": "a CT image", "nuclear medicine": "a nuclear medicine scan",
+    "fundus photography": "a fundus photograph", "histopathology": "a histopathology image",
+    "fluorescence microscopy": "a fluorescence microscopy image", "phase microscopy": "a phase microscopy image",
+}
+DESCRIBE_OPENINGS = (
+    "This is {modality}{organ}{plane}.",
+    "The image is {modality}{organ}{plane}.",
+    "This appears to be {modality}{organ}{plane}.",
+)
+DESCRIBE_STRUCTURES = (
+    "The {labels} {verb} visible.",
+    "It shows the {labels}.",
+    "Visible structures include the {labels}.",
+)
+PLURAL_LABELS = frozenset({"nuclei", "retinal vessels"})
+FINDINGS = {"lesion": "a lesion", "liver lesion": "a liver lesion", "high tracer uptake": "areas of high tracer uptake"}
+DESCRIBE_FINDINGS = (
+    "It also shows {finding}.",
+    "The finding is {finding}.",
+    "There is also {finding}.",
+)
+
+# Region-conditioned grounding (MeCoVQA-G with a region prompt): the first question is the portal's own.
+REGION_SEGMENT_QUESTIONS = (
+    REGION_SEGMENT_QUESTION + " <region>{region}</region>",
+    "Segment the structure inside <region>{region}</region>.",
+    "Please segment what is in the marked region <region>{region}</region>.",
+)
+NO_STRUCTURE_ANSWER = "The marked region shows background; there is no labelled structure to segment in it."
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -91,6 +142,7 @@ class Sample:
     answer_type: str
     modality: str
     task: str
+    kind: str | None = None  # "describe" for descriptions
 
     def to_json(self) -> dict:
         return {
@@ -98,6 +150,7 @@ class Sample:
             "conversations": [{"from": "human", "value": "<image>\n" + self.question},
                               {"from": "gpt", "value": self.answer}],
             "answer_type": self.answer_type, "modality": self.modality, "task": self.task,
+            **({"kind": self.kind} if self.kind else {}),
         }
 
 
@@ -147,6 +200,60 @@ def complex_samples(record: dict, absent: list[str], rng: random.Random) -> list
     out.append(make(rng.choice(PRESENCE_QUESTIONS).format(label=present), "yes", "closed"))
     if absent:
         out.append(make(rng.choice(PRESENCE_QUESTIONS).format(label=rng.choice(absent)), "no", "closed"))
+    return out
+
+
+def join_labels(labels: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
+def describe_answer(modality: str, organ: str | None, plane: str | None, labels: list[str],
+                    rng: random.Random) -> str:
+    """Two or three complete sentences: modality, organ and plane; the visible structures; the finding if any.
+    The wording is drawn from a few templates so the model does not learn one string."""
+    phrase = MODALITY_PHRASES.get(modality, f"a {modality} image")
+    opening = rng.choice(DESCRIBE_OPENINGS).format(
+        modality=phrase, organ=f" of the {organ}" if organ else "", plane=f" in the {plane} plane" if plane else "")
+    structures = [lab for lab in labels if lab not in FINDINGS]
+    findings = [FINDINGS[lab] for lab in labels if lab in FINDINGS]
+    sentences = [opening]
+    if structures:
+        sentences.append(rng.choice(DESCRIBE_STRUCTURES).format(
+            labels=join_labels(structures), verb="are" if len(structures) > 1 or structures[0] in PLURAL_LABELS else "is"))
+    if findings:
+        sentences.append(rng.choice(DESCRIBE_FINDINGS).format(finding=join_labels(findings)))
+    return " ".join(sentences)
+
+
+def describe_samples(record: dict, rng: random.Random) -> list[Sample]:
+    """One descriptive question ("Describe the image.", ...) answered by `describe_answer`."""
+    make = _maker(record, "complex", DESCRIBE_KIND)
+    answer = describe_answer(record["modality"], record["organ"], record["plane"],
+                             [m["label"] for m in record["masks"]], rng)
+    return [make(rng.choice(DESCRIBE_QUESTIONS), answer, "open")]
+
+
+def region_grounding_samples(record: dict, assets: Path, rng: random.Random) -> list[Sample]:
+    """"Please segment the structure in the marked region." with a point, box or sketch of each mask: the answer
+    is `<SEG>` with the mask of the structure the region holds (`region_label`, as the region questions decide it);
+    the background point is answered in words (`NO_STRUCTURE_ANSWER`), with no mask. Ambiguous regions and regions
+    that cover no CLIP patch are skipped."""
+    make = _maker(record, "region_grounding")
+    masks = {m["label"]: _png(assets, m["path"]) for m in record["masks"]}
+    paths = {m["label"]: m["path"] for m in record["masks"]}
+    out = []
+    for mask in record["masks"]:
+        kind = rng.choice(("point", "box", "sketch"))
+        region = mask["path"] if kind == "sketch" else mask["regions"][kind]
+        template = rng.choice(REGION_SEGMENT_QUESTIONS)
+        region_px = _png(assets, region)
+        label = region_label(region_px, masks)
+        if label is not None and region_grid(region_px).any():
+            out.append(make(template.format(region=region), f"{SEG_TOKEN}<mask>{paths[label]}</mask>", "open"))
+    background = record["background_region"]
+    if background and region_grid(_png(assets, background)).any():
+        out.append(make(rng.choice(REGION_SEGMENT_QUESTIONS).format(region=background), NO_STRUCTURE_ANSWER, "open"))
     return out
 
 
@@ -220,12 +327,13 @@ def grounding_samples(record: dict, rng: random.Random) -> list[Sample]:
                  f"{SEG_TOKEN}<mask>{m['path']}</mask>", "open") for m in record["masks"]]
 
 
-def _maker(record: dict, task: str) -> Callable[[str, str, str], Sample]:
+def _maker(record: dict, task: str, kind: str | None = None) -> Callable[[str, str, str], Sample]:
     counter = iter(range(10_000))
+    prefix = kind or task
 
     def make(question: str, answer: str, answer_type: str) -> Sample:
-        return Sample(id=f"{task}-{record['id']}-{next(counter)}", image=record["image"], question=question,
-                      answer=answer, answer_type=answer_type, modality=record["modality"], task=task)
+        return Sample(id=f"{prefix}-{record['id']}-{next(counter)}", image=record["image"], question=question,
+                      answer=answer, answer_type=answer_type, modality=record["modality"], task=task, kind=kind)
 
     return make
 
@@ -241,16 +349,21 @@ def build_corpus(assets: Path, seed: int = SEED) -> dict[str, dict[str, list[dic
         split["complex"] += [s.to_json() for s in complex_samples(record, absent[record["id"]], rng)]
         split["region"] += [s.to_json() for s in region_samples(record, assets, rng)]
         split["grounding"] += [s.to_json() for s in grounding_samples(record, rng)]
+        extra = random.Random(f"{seed}:{record['id']}")  # the new tasks draw apart: the others stay as they were
+        split["complex"] += [s.to_json() for s in describe_samples(record, extra)]
+        split["region_grounding"] += [s.to_json() for s in region_grounding_samples(record, assets, extra)]
     return corpus
 
 
 def ci_subset(corpus: dict[str, dict[str, list[dict]]]) -> list[dict]:
-    """A tiny fixed subset of the test split: the first CI_PER_TASK_AND_MODALITY samples per task and modality."""
+    """A tiny fixed subset of the test split: the first CI_PER_TASK_AND_MODALITY samples per task and modality
+    (descriptions, a kind of complex question, count apart: CI_DESCRIPTIONS_PER_MODALITY of them)."""
     picked, seen = [], {}
     for task, samples in corpus["test"].items():
         for sample in samples:
-            key = (task, sample["modality"])
-            if seen.get(key, 0) < CI_PER_TASK_AND_MODALITY:
+            key = (task, sample.get("kind"), sample["modality"])
+            limit = CI_DESCRIPTIONS_PER_MODALITY if sample.get("kind") == DESCRIBE_KIND else CI_PER_TASK_AND_MODALITY
+            if seen.get(key, 0) < limit:
                 seen[key] = seen.get(key, 0) + 1
                 picked.append(sample)
     return picked

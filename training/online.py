@@ -6,7 +6,9 @@ region. Here every draw places a new point (anywhere in a mask or in the image),
 erodes/dilates/cuts a sketch, and the answer is recomputed with the corpus's own rule
 (`training.corpus.region_label`), in the corpus's own wording, so the task is unchanged and only the
 regions vary. Presence questions ("Is any X visible?") are drawn over every present and absent label
-instead of one of each per image. Val and test samples are never generated here.
+instead of one of each per image, and region-conditioned grounding ("Please segment the structure in the marked
+region.") gets fresh regions the same way, its target the mask of the structure the region holds. Val and test
+samples are never generated here.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from scipy import ndimage as ndi
 
 from engine.processing import region_grid
 from training.corpus import (
+    NO_STRUCTURE_ANSWER,
     PRESENCE_QUESTIONS,
+    REGION_SEGMENT_QUESTIONS,
     REGION_WHAT_QUESTIONS,
     REGION_YESNO_QUESTIONS,
+    SEG_TOKEN,
     absent_labels,
     load_index,
     point_in_label_answer,
@@ -58,12 +63,14 @@ class OnlineImage:
 class OnlineSample:
     """A drawn question: `question` holds `<region>` (no path) where the region goes."""
 
-    task: str  # "region" | "complex"
+    task: str  # "region" | "complex" | "region_grounding"
     modality: str
     question: str
     answer: str
     image: np.ndarray
     region: np.ndarray | None
+    gt: np.ndarray | None = None  # region_grounding: the mask of the structure under the region
+    label: str | None = None  # ... and its name
 
 
 def load_online_images(assets: Path) -> list[OnlineImage]:
@@ -160,3 +167,25 @@ def presence_sample(item: OnlineImage, rng: random.Random) -> OnlineSample:
     label = rng.choice(list(item.masks)) if present else rng.choice(item.absent)
     return OnlineSample("complex", item.modality, rng.choice(PRESENCE_QUESTIONS).format(label=label),
                         "yes" if present else "no", item.image, None)
+
+
+def region_grounding_sample(item: OnlineImage, rng: random.Random, negatives: bool = True) -> OnlineSample | None:
+    """"Please segment the structure in the marked region." about a fresh region: `<SEG>` with the mask of the
+    structure the region holds (`region_label`, the region questions' rule), or, for a point that touches no mask
+    (only when `negatives`), `NO_STRUCTURE_ANSWER` in words and no mask. None if no usable region was drawn."""
+    for _ in range(MAX_TRIES):
+        drawn = draw_region(item, rng)
+        if drawn is None:
+            continue
+        kind, region = drawn
+        question = _question(rng.choice(REGION_SEGMENT_QUESTIONS))
+        if kind == "point" and not (region & item.union).any():
+            if not negatives:
+                continue
+            return OnlineSample("region_grounding", item.modality, question, NO_STRUCTURE_ANSWER, item.image, region)
+        label = region_label(region, item.masks)
+        if label is None:
+            continue
+        return OnlineSample("region_grounding", item.modality, question, SEG_TOKEN, item.image, region,
+                            gt=item.masks[label], label=label)
+    return None

@@ -4,7 +4,9 @@ Everything is read offline from installed packages (nilearn, pydicom, scikit-ima
 data files, which are read with `zipfile` out of the wheel fetched by `pip download --no-deps stardist==0.9.2`
 (stardist itself is never imported: it pulls in tensorflow). Masks are either shipped with the data
 (MNI152 tissue priors, pydicom overlay, stardist labels) or derived by a classic, documented method; each
-mask's method is stored next to it in `index.json` and summarised in `PROVENANCE.md`.
+mask's method is stored next to it in `index.json` and summarised in `PROVENANCE.md`. Single-image sources
+(pydicom's head CT slices, the fundus photograph, the phase image) are cut into tiles with a guard band
+(`guarded_tiles`), so their tiles can go to different splits and every modality has val and test images.
 
 Output layout, paths relative to the folder:
     images/<id>.png             (H, W) L or (H, W, 3) RGB uint8, longest side <= MAX_SIDE
@@ -137,6 +139,17 @@ def grid_tiles(height: int, width: int, rows: int, cols: int) -> Iterator[tuple[
         for c in range(cols):
             yield (r * cols + c, r * height // rows, (r + 1) * height // rows,
                    c * width // cols, (c + 1) * width // cols)
+
+
+def guarded_tiles(height: int, width: int, rows: int, cols: int,
+                  guard: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """Like `grid_tiles`, but every inner edge gives up `guard` // 2 px on each side: neighbouring tiles are
+    `guard` px apart, so no pixel, and no structure narrower than the guard band, is in two tiles (and, after
+    `assign_splits`, in two splits)."""
+    half = guard // 2
+    for unit, r0, r1, c0, c1 in grid_tiles(height, width, rows, cols):
+        yield (unit, r0 + (half if r0 else 0), r1 - (half if r1 < height else 0),
+               c0 + (half if c0 else 0), c1 - (half if c1 < width else 0))
 
 
 def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -303,6 +316,38 @@ def extract_ct_spine() -> Extracted:
     return _pydicom_item("CT_small.dcm", "ct-pydicom-spine", image, masks, ds, modality="CT", organ="spine")
 
 
+HEAD_CT_FILES = ("J2K_pixelrep_mismatch.dcm", "693_J2KI.dcm")  # pydicom's two 512x512 head CT slices
+
+
+def extract_head_ct() -> list[Extracted]:
+    """pydicom's two 512x512 axial head CT slices (JPEG 2000), each cut into 2x2 tiles with a guard band (one
+    slice per file: its tiles are the split units); head outline and bone by Hounsfield thresholds."""
+    items = []
+    for name in HEAD_CT_FILES:
+        ds = _dicom(name)
+        try:
+            raw = ds.pixel_array.astype(np.float64)
+        except (RuntimeError, NotImplementedError, ValueError) as err:
+            log.warning("%s does not decode here (%s); skipped", name, err)
+            continue
+        hu = raw * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+        head = foreground(ndi.gaussian_filter(hu, 1.0), -300.0)
+        bone = drop_small((hu >= 250.0) & head, 30)
+        image = np.round(np.clip((hu - (40 - 200)) / 400.0, 0, 1) * 255).astype(np.uint8)  # window L40/W400
+        stem = name.removesuffix(".dcm").lower().replace("_", "-")
+        for unit, r0, r1, c0, c1 in guarded_tiles(*hu.shape, rows=2, cols=2, guard=TILE_GUARD_PX):
+            masks = (
+                MaskSpec("body", head[r0:r1, c0:c1], "DERIVED: Gaussian(1 px) HU > -300, largest component, holes "
+                         "filled (whole slice); then cut into tiles"),
+                MaskSpec("bone", bone[r0:r1, c0:c1], "DERIVED: HU >= 250 inside the body, components >= 30 px "
+                         "(whole slice); then cut into tiles"),
+            )
+            items.append(_pydicom_item(name, f"ct-pydicom-head-{stem}-tile{unit}", image[r0:r1, c0:c1], masks,
+                                       ds, modality="CT", organ="head", slice=f"tile rows {r0}-{r1} cols {c0}-{c1}",
+                                       unit=unit))
+    return items
+
+
 def extract_mr_small() -> Extracted:
     """MR_small: 64x64 MR slice; foreground outline by Otsu."""
     ds = _dicom("MR_small.dcm")
@@ -353,26 +398,38 @@ def _skimage_item(name: str, key: str, image: np.ndarray, masks: tuple[MaskSpec,
                      source_group=f"scikit-image:{name}", **fields)
 
 
-def extract_retina() -> Extracted:
-    """Fundus photograph (CC0), downsized to MAX_SIDE; vessels by Sato ridge filter, optic disc by brightness."""
+RETINA_WORK_SIDE = 3 * MAX_SIDE  # the fundus photograph is downsized to this before its 3x3 tiles are cut
+TILE_GUARD_PX = 16  # guard band between the tiles of a single-image source (`guarded_tiles`)
+
+
+def extract_retina() -> list[Extracted]:
+    """Fundus photograph (CC0), downsized to RETINA_WORK_SIDE and cut into 3x3 tiles with a guard band (the only
+    fundus image: its tiles are the split units); vessels by Sato ridge filter, optic disc by brightness, both
+    found on the whole image before cutting."""
     from skimage import data, filters
 
-    rgb = resize_to(data.retina(), fitted_size(*data.retina().shape[:2]))
+    rgb = resize_to(data.retina(), fitted_size(*data.retina().shape[:2], RETINA_WORK_SIDE))
     green = rgb[..., 1].astype(np.float64) / 255.0
-    fov = ndi.binary_erosion(foreground(rgb[..., 0].astype(np.float64), 20.0), iterations=4)
-    ridges = filters.sato(green, sigmas=(1.0, 2.0), black_ridges=True) * fov
-    vessels = drop_small(ridges > otsu(ridges[fov]), 30)
-    lum = ndi.gaussian_filter(rgb.astype(np.float64).mean(axis=2), 4.0)
+    fov = ndi.binary_erosion(foreground(rgb[..., 0].astype(np.float64), 20.0), iterations=12)
+    ridges = filters.sato(green, sigmas=(2.0, 4.0), black_ridges=True) * fov
+    vessels = drop_small(ridges > otsu(ridges[fov]), 150)
+    lum = ndi.gaussian_filter(rgb.astype(np.float64).mean(axis=2), 12.0)
     disc = largest_component((lum > np.percentile(lum[fov], 99.0)) & fov)
-    disc = ndi.binary_dilation(disc, iterations=3)
-    masks = (
-        MaskSpec("retinal vessels", vessels, "DERIVED: Sato ridge filter (sigmas 1,2; dark ridges) on the "
-                 "green channel inside the field of view, > Otsu, components >= 30 px"),
-        MaskSpec("optic disc", disc, "DERIVED: brightest 1% of the Gaussian(4 px) luminance inside the field "
-                 "of view, largest component, dilated 3 px"),
-    )
-    return _skimage_item("retina.jpg", "fundus-skimage-retina", rgb, masks, modality="fundus photography",
-                         organ="eye", licence=LICENCE["skimage-cc0"])
+    disc = ndi.binary_dilation(disc, iterations=9)
+    items = []
+    for unit, r0, r1, c0, c1 in guarded_tiles(*rgb.shape[:2], rows=3, cols=3, guard=TILE_GUARD_PX):
+        masks = (
+            MaskSpec("retinal vessels", vessels[r0:r1, c0:c1], "DERIVED: Sato ridge filter (sigmas 2,4; dark "
+                     f"ridges) on the green channel of the {RETINA_WORK_SIDE}-px image inside the field of view, "
+                     "> Otsu, components >= 150 px; then cut into tiles"),
+            MaskSpec("optic disc", disc[r0:r1, c0:c1], "DERIVED: brightest 1% of the Gaussian(12 px) luminance "
+                     "inside the field of view, largest component, dilated 9 px; then cut into tiles"),
+        )
+        items.append(_skimage_item(
+            "retina.jpg", f"fundus-skimage-retina-tile{unit}", rgb[r0:r1, c0:c1].copy(), masks,
+            modality="fundus photography", organ="eye", slice=f"tile rows {r0}-{r1} cols {c0}-{c1} of "
+            f"{rgb.shape[0]}x{rgb.shape[1]}", unit=unit, licence=LICENCE["skimage-cc0"]))
+    return items
 
 
 def extract_ihc() -> list[Extracted]:
@@ -400,17 +457,29 @@ def extract_ihc() -> list[Extracted]:
     return items
 
 
-def extract_cell() -> Extracted:
-    """Quantitative phase image of a cell in saline (CC0), downsized; the cell by Otsu."""
+def extract_cell() -> list[Extracted]:
+    """Quantitative phase image of a cell in saline (CC0), the only phase image, with one cell: the cell by Otsu on
+    the whole image, then a square window centred on the cell (twice its diameter, inside the image) cut into 2x2
+    tiles with a guard band, so every tile (a split unit) holds a quarter of the cell and its surroundings."""
     from skimage import data
 
     gray = data.cell()
-    small = resize_to(gray, fitted_size(*gray.shape))
-    smooth = ndi.gaussian_filter(small.astype(np.float64), 2.0)
+    smooth = ndi.gaussian_filter(gray.astype(np.float64), 4.0)
     cell = foreground(smooth, otsu(smooth) + 0.5 * smooth.std())
-    masks = (MaskSpec("cell", cell, "DERIVED: Gaussian(2 px) > Otsu + 0.5 SD, largest component, holes filled"),)
-    return _skimage_item("cell.png", "phase-skimage-cell", small, masks, modality="phase microscopy",
-                         licence=LICENCE["skimage-cc0"])
+    rows, cols = np.nonzero(cell)
+    cy, cx = int(rows.mean()), int(cols.mean())
+    half = min(int(rows.max() - rows.min()), cy, cx, gray.shape[0] - cy, gray.shape[1] - cx)
+    window = (slice(cy - half, cy + half), slice(cx - half, cx + half))
+    image, cell = gray[window], cell[window]
+    items = []
+    for unit, r0, r1, c0, c1 in guarded_tiles(*image.shape, rows=2, cols=2, guard=TILE_GUARD_PX):
+        masks = (MaskSpec("cell", cell[r0:r1, c0:c1], "DERIVED: Gaussian(4 px) > Otsu + 0.5 SD, largest "
+                          "component, holes filled (whole image); then cut into tiles"),)
+        where = f"tile rows {cy - half + r0}-{cy - half + r1} cols {cx - half + c0}-{cx - half + c1}"
+        items.append(_skimage_item("cell.png", f"phase-skimage-cell-tile{unit}", image[r0:r1, c0:c1].copy(), masks,
+                                   modality="phase microscopy", slice=where, unit=unit,
+                                   licence=LICENCE["skimage-cc0"]))
+    return items
 
 
 # ----------------------------------------------------------------------------------------------- stardist
@@ -470,7 +539,8 @@ def extract_stardist(wheel_path: Path) -> list[Extracted]:
 def extract_all(stardist_wheel: Path) -> list[Extracted]:
     """Every extracted image from every source, in a fixed order."""
     steps: list[Callable[[], list[Extracted] | Extracted]] = [
-        extract_mni152, extract_liver_lesion_mr, extract_ct_spine, extract_mr_small, extract_bone_scan,
+        extract_mni152, extract_liver_lesion_mr, extract_ct_spine, extract_head_ct, extract_mr_small,
+        extract_bone_scan,
         extract_retina, extract_ihc, extract_cell, lambda: extract_stardist(stardist_wheel),
     ]
     items: list[Extracted] = []
@@ -615,7 +685,7 @@ wheel (`pip download --no-deps {stardist}`, read with zipfile; stardist is never
 | source | package / file | licence and notice |
 |---|---|---|
 | MNI ICBM152 2009 T1 template, 1 mm, with brain mask and GM/WM probability maps | nilearn `datasets/data/` | nilearn: BSD-3-Clause. Template: Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University. Permission to use, copy, modify, and distribute this software and its documentation for any purpose and without fee is hereby granted, provided that the above copyright notice appear in all copies. The authors and McGill University make no representations about the suitability of this software for any purpose. It is provided "as is" without express or implied warranty. (Fonov et al., NeuroImage 2011; 2009) |
-| abdominal MR "abdomen^liver marked lesion" with an overlay contour; CT_small (CT, spine); MR_small; JPEG2000 (whole-body NM bone scan) | pydicom `data/test_files/` | pydicom: MIT. Test files: de-identified, downsized samples that the pydicom project distributes believing them free of restrictions (NEMA WG04 and other public sources; see pydicom's `data/test_files/README.txt`) |
+| abdominal MR "abdomen^liver marked lesion" with an overlay contour; CT_small (CT, spine); `J2K_pixelrep_mismatch.dcm` and `693_J2KI.dcm` (two axial head CT slices, JPEG 2000); MR_small; JPEG2000 (whole-body NM bone scan) | pydicom `data/test_files/` | pydicom: MIT. Test files: de-identified, downsized samples that the pydicom project distributes believing them free of restrictions (NEMA WG04 and other public sources; see pydicom's `data/test_files/README.txt`) |
 | retina fundus photograph; cell (quantitative phase image) | scikit-image `skimage/data/` | CC0 (per scikit-image's data README); code BSD-3-Clause |
 | immunohistochemistry (colon, DAB FHL2 + haematoxylin) | scikit-image `skimage/data/` | BSD-3-Clause terms of scikit-image (data README: "Immunohistochemical (IHC) staining with hematoxylin counterstaining ... colonic glands", courtesy of the scikit-image contributors) |
 | `img2d.tif` + `mask2d.tif` fluorescence nuclei; `histo.jpg` H&E | stardist 0.9.2 wheel `stardist/data/images/` | stardist: BSD-3-Clause. Nuclei image and labels from the 2018 Data Science Bowl (stage 1 training set, BBBC038, CC0); H&E image from The Cancer Imaging Archive (TCIA), as stated by stardist |
@@ -640,8 +710,13 @@ PROVENANCE_SPLITS = """
 `split` in index.json is decided per source slice (`training.sources.assign_splits`): inside each source
 image/volume (and plane, for the MNI volume) the source slice or tile positions (`split_unit`) are sorted,
 a contiguous block of ~15% starting at 30% of the range goes to `val`, one starting at 65% to `test`, and
-the rest to `train`. Sources with fewer than 3 slices/tiles (the single pydicom MR/CT images, the retina,
-the cell) are train-only. No source slice or tile is in two splits; synthetic-lesion records share the
+the rest to `train`. Sources with fewer than 3 slices/tiles (pydicom's MR_small, CT_small and the liver MR)
+are train-only. The other single-image sources are cut into tiles with a guard band of {guard} px between
+neighbours (`training.sources.guarded_tiles`), and their tiles are the split units: the two head CT slices
+(2x2 tiles each), the fundus photograph (3x3 tiles of its {retina}-px copy) and the phase image of one cell
+(2x2 tiles of a window centred on the cell, so each tile holds a quarter of it). Their val and test scores
+therefore come from other parts of the same image, never the same pixels: a weak test of generalisation, but
+every bundled modality is scored. No source slice or tile is in two splits; synthetic-lesion records share the
 split of the slice they were painted into. Caveat: the MNI152 template is ONE brain, so its val/test
 slices are different slices of the same subject, and orthogonal planes intersect; treat MNI scores as a
 sanity check, not a generalisation measure. The tiles of one stardist/IHC/NM image are disjoint in pixels.
@@ -657,7 +732,8 @@ def provenance_markdown(records: list[dict]) -> str:
     methods = sorted({(r["source"]["package"] + " " + r["source"]["file"], m["label"], m["method"])
                       for r in records for m in r["masks"]})
     text += "".join(f"| {src} | {label} | {method} |\n" for src, label, method in methods)
-    text += PROVENANCE_SPLITS + "\n| modality | " + " | ".join(SPLITS) + " | masks |\n|---|---|---|---|---|\n"
+    text += PROVENANCE_SPLITS.format(guard=TILE_GUARD_PX, retina=RETINA_WORK_SIDE)
+    text += "\n| modality | " + " | ".join(SPLITS) + " | masks |\n|---|---|---|---|---|\n"
     for modality in sorted({r["modality"] for r in records}):
         rows = [r for r in records if r["modality"] == modality]
         per_split = [str(sum(r["split"] == s for r in rows)) for s in SPLITS]

@@ -68,9 +68,15 @@ from engine.processing import (
     sam_preprocess,
 )
 from engine.tokenizer import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, MedPLIBTokenizer, save_tokenizer_folder
+from training.corpus import DESCRIBE_KIND, GROUNDING_TASKS, SEG_TOKEN, absent_labels, build_corpus, load_index
 from training.corpus import SEED as CORPUS_SEED
-from training.corpus import SEG_TOKEN, absent_labels, build_corpus, load_index
-from training.online import OnlineImage, load_online_images, presence_sample, region_sample
+from training.online import (
+    OnlineImage,
+    load_online_images,
+    presence_sample,
+    region_grounding_sample,
+    region_sample,
+)
 from training.tokenizer_train import corpus_lines, train_sentencepiece
 
 log = logging.getLogger("training.train")
@@ -94,7 +100,7 @@ class TrainConfig:
     sam_embed: int = 96
     sam_depth: int = 2  # the last encoder block attends globally, the others in windows
     sam_prompt: int = 64
-    steps: tuple[int, int, int, int] = (1500, 1600, 1800, 900)  # until run 17: 1800 and 1500 (README: time)
+    steps: tuple[int, int, int, int] = (1500, 1600, 1800, 800)  # until run 17: 1800 and 1500; run 20: 900 (README: time)
     corpus_draws: int = 5  # train on the union of this many corpus draws (other templates / regions / labels)
     batch_size: int = 8
     lr: tuple[float, float, float, float] = (2e-3, 2e-3, 1e-3, 1e-3)
@@ -108,6 +114,9 @@ class TrainConfig:
     label_balance_power: float = 0.5  # inside a modality's grounding, label weight 1 / share**power (README: why)
     online_share: float = 0.4  # share of VQA slots filled with questions drawn afresh (training.online)
     online_presence: float = 0.4  # ... of which presence yes/no questions (the rest: region questions)
+    region_grounding_share: float = 0.3  # stages 2-4: share of grounding slots asked about a marked region ...
+    # ... of which `online_share` drawn afresh (training.online); stage 4 asks only those whose region holds a mask
+    describe_boost: float = 1.0  # sampling weight of descriptions inside their modality's complex questions (README)
     grounding_rows_only: bool = True  # stage 2 updates only the <SEG>-side rows of embed_tokens / lm_head
     mask_logit_shift: float = 1.4  # mask losses on logit + shift: the engine's 10 % threshold = 31 % here
     postprocess: str = "crop"  # mask geometry trained and shipped (config.json "mask_postprocess")
@@ -115,7 +124,7 @@ class TrainConfig:
     region_attention_weight: float = 1.0  # last layer: -log attention to the region vector (README: why)
     history_share: float = 0.3  # share of samples asked after earlier turns (README: why) ...
     presence_history_share: float = 0.1  # ... but of yes/no presence questions only this share (README: why)
-    evals: tuple[int, int] = (3, 1)  # val evaluations during stages 3 and 4 (the best is kept; about 25 s each)
+    evals: tuple[int, int] = (2, 1)  # val evaluations in stages 3 and 4 (the best is kept; ~50 s each since issue 20)
     val_limit: int | None = None  # score only the first N val samples (smoke tests)
     seed: int = SEED
 
@@ -155,6 +164,7 @@ class Example:
     known: np.ndarray | None = None  # (L,) bool: labels the image's record says are present or absent
     source: str | None = None  # the image's path in the corpus: earlier turns are drawn from its other questions
     history: tuple[tuple[str, str], ...] = ()  # earlier (question, answer text) turns, as the portal passes them
+    kind: str | None = None  # "describe" for descriptions (training.corpus)
 
 
 def _read_mask(path: Path) -> np.ndarray:
@@ -178,6 +188,7 @@ def load_examples(samples: list[dict], root: Path, label_maps: LabelMaps | None 
             region=_read_mask(root / region_path.group(1)) if region_path else None,
             gt=_read_mask(root / gt_path.group(1)) if gt_path else None,
             label=Path(gt_path.group(1)).stem.split("--")[-1] if gt_path else None, source=s["image"],
+            kind=s.get("kind"),
             **(label_maps.of(s["image"]) if label_maps else {})))
     return out
 
@@ -371,7 +382,7 @@ def batch_loss(model: MedPLIBModel, tok: MedPLIBTokenizer, routing: RoutingContr
         targets = torch.full(hidden.shape[:2], -100, dtype=torch.long)
         for i, (ex, (start, answer, prompt_len)) in enumerate(zip(batch, spans, strict=True)):
             first_text = _image_end(tok, batch, i, prompt_len)
-            targets[i, first_text:start + len(answer)] = GROUNDING_EXPERT if ex.task == "grounding" else VQA_EXPERT
+            targets[i, first_text:start + len(answer)] = GROUNDING_EXPERT if ex.task in GROUNDING_TASKS else VQA_EXPERT
         rl = routing.router_loss(targets)
         total = total + cfg.router_weight * rl
         parts["route"] = rl.item()
@@ -565,15 +576,17 @@ def set_trainable(model: MedPLIBModel, stage: str) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def stage_pool(stage: str, train: list[Example]) -> tuple[list[Example], list[Example]]:
-    """(VQA pool, grounding pool) a stage samples from."""
-    vqa = [e for e in train if e.task != "grounding"]
+def stage_pool(stage: str, train: list[Example]) -> tuple[list[Example], list[Example], list[Example]]:
+    """(VQA pool, grounding pool, region-conditioned grounding pool) a stage samples from. Stage 4 trains only
+    the mask decoder, so it keeps only the region-conditioned questions that have a mask."""
+    vqa = [e for e in train if e.task not in GROUNDING_TASKS]
     ground = [e for e in train if e.task == "grounding"]
+    region_ground = [e for e in train if e.task == "region_grounding" and (stage != "mask_decoder" or e.gt is not None)]
     if stage == "vl_expert":
-        return vqa, []
+        return vqa, [], []
     if stage in ("grounding_expert", "mask_decoder"):
-        return [], ground
-    return vqa, ground
+        return [], ground, region_ground
+    return vqa, ground, region_ground
 
 
 def balance_weights(examples: list[Example], cfg: TrainConfig) -> list[float]:
@@ -592,7 +605,8 @@ def balance_weights(examples: list[Example], cfg: TrainConfig) -> list[float]:
         norm[k[:2]] = norm.get(k[:2], 0.0) + n * label_w[k] / groups[k[:2]]
     boost = {("histopathology", "grounding"): cfg.histo_grounding_boost}
     return [groups[(e.modality, e.task)] ** -cfg.balance_power * boost.get((e.modality, e.task), 1.0)
-            * label_w[(e.modality, e.task, e.label)] / norm[(e.modality, e.task)] for e in examples]
+            * label_w[(e.modality, e.task, e.label)] / norm[(e.modality, e.task)]
+            * (cfg.describe_boost if e.kind == DESCRIBE_KIND else 1.0) for e in examples]
 
 
 class OnlineDraws:
@@ -615,12 +629,36 @@ class OnlineDraws:
                 return Example(task=s.task, modality=s.modality, question=s.question, answer=s.answer,
                                image=s.image, region=s.region, source=item.source, **self.stacks[k])
 
+    def draw_region_grounding(self, rng: random.Random, negatives: bool = True) -> Example:
+        """A region-conditioned grounding question about a fresh region (`training.online`)."""
+        while True:
+            k = rng.choices(range(len(self.images)), self.weights)[0]
+            item = self.images[k]
+            s = region_grounding_sample(item, rng, negatives)
+            if s is not None:
+                return Example(task=s.task, modality=s.modality, question=s.question, answer=s.answer,
+                               image=s.image, region=s.region, gt=s.gt, label=s.label, source=item.source,
+                               **self.stacks[k])
+
+
+def _grounding_slot(ground: list[Example], region_ground: list[Example], cfg: TrainConfig, rng: random.Random,
+                    weights: tuple[list[float], ...], online: OnlineDraws | None, negatives: bool) -> Example:
+    """One grounding slot: a region-conditioned question in `cfg.region_grounding_share` of them (drawn afresh in
+    `cfg.online_share` of those), else a named one."""
+    if (region_ground or online is not None) and rng.random() < cfg.region_grounding_share:
+        if online is not None and (not region_ground or rng.random() < cfg.online_share):
+            return online.draw_region_grounding(rng, negatives)
+        return rng.choices(region_ground, weights[2])[0]
+    return rng.choices(ground, weights[1])[0]
+
 
 def sample_batch(vqa: list[Example], ground: list[Example], cfg: TrainConfig, rng: random.Random,
-                 weights: tuple[list[float], list[float]], online: OnlineDraws | None = None,
-                 history: dict[str, list[tuple[str, str]]] | None = None) -> list[Example]:
+                 weights: tuple[list[float], ...], online: OnlineDraws | None = None,
+                 history: dict[str, list[tuple[str, str]]] | None = None,
+                 region_ground: list[Example] | None = None, negatives: bool = True) -> list[Example]:
     n_ground = len(ground) and (cfg.batch_size if not vqa else round(cfg.batch_size * cfg.grounding_share))
-    picked = rng.choices(ground, weights[1], k=n_ground) if n_ground else []
+    picked = [_grounding_slot(ground, region_ground or [], cfg, rng, weights, online, negatives)
+              for _ in range(n_ground)]
     if vqa:
         for _ in range(cfg.batch_size - n_ground):
             fresh = online is not None and rng.random() < cfg.online_share
@@ -650,8 +688,9 @@ def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: R
     routing.forced = {"vl_expert": VQA_EXPERT, "grounding_expert": GROUNDING_EXPERT}.get(stage)
     peak = cfg.lr[STAGES.index(stage)]
     opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=0.0)
-    vqa, ground = stage_pool(stage, train)
-    weights = (balance_weights(vqa, cfg), balance_weights(ground, cfg))
+    vqa, ground, region_ground = stage_pool(stage, train)
+    weights = (balance_weights(vqa, cfg), balance_weights(ground, cfg), balance_weights(region_ground, cfg))
+    negatives = stage != "mask_decoder"  # stage 4 needs a mask in every grounding slot
     evals = cfg.evals[0 if stage == "moe" else 1]
     eval_at = {steps * (k + 1) // evals - 1 for k in range(evals)} if on_eval else set()
     model.train()
@@ -659,8 +698,8 @@ def run_stage(stage: str, model: MedPLIBModel, tok: MedPLIBTokenizer, routing: R
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, peak, cfg.warmup)
-        loss = batch_loss(model, tok, routing, sample_batch(vqa, ground, cfg, rng, weights, online, history),
-                          cfg, probe)
+        batch = sample_batch(vqa, ground, cfg, rng, weights, online, history, region_ground, negatives)
+        loss = batch_loss(model, tok, routing, batch, cfg, probe)
         opt.zero_grad(set_to_none=True)
         loss.total.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -790,7 +829,7 @@ def teacher_forced_accuracy(model: MedPLIBModel, tok: MedPLIBTokenizer, examples
 
 def readout_examples(val: list[dict], assets: Path) -> dict[str, list[Example]]:
     """The val region questions and closed (yes/no) complex questions, loaded once for `stage_one_readout`."""
-    examples = load_examples([s for s in val if s["task"] != "grounding"], assets)
+    examples = load_examples([s for s in val if s["task"] not in GROUNDING_TASKS], assets)
     return {"region": [e for e in examples if e.task == "region"],
             "closed": [e for e in examples if is_presence_question(e)]}
 
@@ -825,13 +864,18 @@ def train_draws(assets: Path, draws: int) -> list[dict]:
     return out
 
 
+SELECTION_KEYS = ("mDice", "closed_accuracy", "region_accuracy", "region_mask_mDice", "describe_f1")
+
+
 def selection_score(m: dict) -> float:
-    """What picks the checkpoint on val: mean of mDice, closed accuracy and region accuracy."""
-    return (m["mDice"] + m["closed_accuracy"] + m["region_accuracy"]) / 3
+    """What picks the checkpoint on val: mean of mDice, closed and region accuracy, region-conditioned mask Dice
+    and description F1 (the issue's targets)."""
+    return sum(m[k] for k in SELECTION_KEYS) / len(SELECTION_KEYS)
 
 
 def _short(m: dict) -> str:
-    keys = ("mDice", "mIoU", "closed_accuracy", "region_accuracy", "open_recall")
+    keys = ("mDice", "mIoU", "closed_accuracy", "region_accuracy", "open_recall", "region_mask_mDice",
+            "region_none_accuracy", "describe_f1")
     return " ".join(f"{k}={m[k]:.3f}" for k in keys)
 
 
@@ -848,15 +892,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="weight of the region attention loss (README); v7's settings: 0 with --history-share 0 "
                              "--presence-history-share 0 --threads 1 --steps 1500 1800 1800 1500 --evals 4 4")
     parser.add_argument("--evals", type=int, nargs=2, default=None, metavar=("S3", "S4"),
-                        help="val evaluations during stages 3 and 4 (default 3 1; runs up to 17: 4 4)")
+                        help="val evaluations during stages 3 and 4 (default 2 1; runs 18-20: 3 1; up to 17: 4 4)")
     parser.add_argument("--history-share", type=float, default=TrainConfig.history_share,
                         help="share of samples asked as follow-ups after earlier turns (README); run 16: 0")
     parser.add_argument("--presence-history-share", type=float, default=TrainConfig.presence_history_share,
                         help="the same share for yes/no presence questions (README); run 19: 0")
+    parser.add_argument("--region-grounding-share", type=float, default=TrainConfig.region_grounding_share,
+                        help="share of grounding slots asked about a marked region (README); v8: 0")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig(seed=args.seed, region_attention_weight=args.region_attention_weight,
                       history_share=args.history_share, presence_history_share=args.presence_history_share,
+                      region_grounding_share=args.region_grounding_share,
                       **({} if args.evals is None else {"evals": tuple(args.evals)}),
                       **({} if args.steps is None else {"steps": tuple(args.steps)}))
     summary = train(assets=args.assets, out=args.out, cfg=cfg, threads=args.threads)
