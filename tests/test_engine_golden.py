@@ -117,7 +117,8 @@ def test_cli_forced_seg_json_gives_fixture_ids_and_mask(golden_dir: Path, tmp_pa
     out_png = tmp_path / "mask.png"
     cmd = [sys.executable, "-m", "engine", "ask", "--model", str(golden_dir / "tiny-medplib-ref"),
            "--image", str(golden_dir / "inputs" / "a_grounding_300x200.png"), "--question", GROUNDING_Q,
-           "--force-answer", "<SEG>", "--json", "--save-mask", str(out_png)]  # default template: vicuna_v1
+           "--force-answer", "<SEG>", "--json", "--save-mask", str(out_png),
+           "--template", "vicuna_v1"]  # the fixture's template (the CLI's default is the portal's llava_v1)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["token_ids"] == [1000, 2]
