@@ -59,13 +59,24 @@ class LoadedUpload:
 def read_upload(
     path: str | Path, *, plane: str = "axial", index: int = 0, preset: str | None = None
 ) -> LoadedUpload:
-    """Read an uploaded PNG/JPEG/DICOM/NIfTI file into stored-safe pixels (see module docstring)."""
+    """Read an uploaded PNG/JPEG/DICOM/NIfTI file into stored-safe pixels (see module docstring).
+
+    Raises InvalidCaseData, and only that, for any file that cannot be read (never a decoder's exception);
+    messages never name the file.
+    """
     path = Path(path)
+    if path.stat().st_size > MAX_UPLOAD_BYTES:
+        raise InvalidCaseData(f"The file is over {MAX_UPLOAD_BYTES // 2**20} MiB; upload one slice or a smaller file")
     data = path.read_bytes()
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise InvalidCaseData(
-            f"{path.name} is over {MAX_UPLOAD_BYTES // 2**20} MiB; upload one slice or a smaller file"
-        )
+    try:
+        return _read_upload_bytes(path, data, plane, index, preset)
+    except InvalidCaseData:
+        raise
+    except Exception as error:  # the reader boundary: decoders raise many types for damaged files
+        raise InvalidCaseData(f"The file is damaged or not a supported image ({type(error).__name__}).") from error
+
+
+def _read_upload_bytes(path: Path, data: bytes, plane: str, index: int, preset: str | None) -> LoadedUpload:
     if data[128:132] == b"DICM":
         return _read_dicom(data, plane, index, preset)
     if path.name.lower().endswith(NIFTI_SUFFIXES):
