@@ -19,6 +19,7 @@ from engine.imageio import LoadedImage
 from engine.results import Answer, GenerationSettings
 from portal import overlay, texts
 from portal.regions import Mark, RegionMarks
+from portal.session_memory import nbytes_of
 
 
 class UserInputError(ValueError):
@@ -48,9 +49,12 @@ class AskSession:
 # ------------------------------------------------------------------------------------------- the image
 
 
-def load(path: str | Path) -> AskSession:
-    """Read an uploaded file and show its middle slice (NIfTI) or first frame. Raises ImageReadError."""
-    image = imageio.read_image(path)
+def load(path: str | Path, spill_dir: Path | None = None) -> AskSession:
+    """Read an uploaded file and show its middle slice (NIfTI) or first frame. Raises ImageReadError.
+
+    spill_dir: where large volumes are memory-mapped from (engine.imageio.read_image).
+    """
+    image = imageio.read_image(path, spill_dir=spill_dir)
     index = imageio.n_slices(image, "axial") // 2 if image.kind == "nifti" else 0
     return with_view(AskSession(image=image), index=index, plane="axial", preset=None)
 
@@ -63,6 +67,13 @@ def with_view(session: AskSession, *, index: int, plane: str, preset: str | None
     index = int(np.clip(index, 0, imageio.n_slices(image, plane) - 1))
     rgb = imageio.to_rgb(image, index, plane, preset)
     return AskSession(image=image, index=index, plane=plane, preset=preset, rgb=rgb)
+
+
+def memory_bytes(session: AskSession) -> int:
+    """Bytes this session keeps in memory: the decoded image (0 when memory-mapped), the RGB view, the
+    engine's image embeddings and the last mask."""
+    mask = session.answer.mask if session.answer is not None else None
+    return nbytes_of(session.image, session.rgb, session.handle, mask)
 
 
 def window_choice(session: AskSession) -> str:

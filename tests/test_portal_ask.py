@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,6 +44,24 @@ def handlers(engine):
 
 def _click(x: int, y: int) -> gr.SelectData:
     return gr.SelectData(None, {"index": [x, y], "value": None, "selected": True})
+
+
+@contextmanager
+def refused(match: str):
+    """A user mistake: one warning (the toast) with this message, and no exception."""
+    with pytest.warns(UserWarning, match=match):
+        yield
+
+
+def _all_skipped(outputs: tuple) -> None:
+    assert all(value == gr.skip() for value in outputs), "a refused request must leave every output unchanged"
+
+
+def _only(generator) -> None:
+    """A refused question yields once: every output (chat, question, overlay, downloads...) unchanged."""
+    outputs = list(generator)
+    assert len(outputs) == 1
+    _all_skipped(outputs[0])
 
 
 def _final(generator) -> tuple:
@@ -109,8 +128,8 @@ def test_model_input_toggle_shows_the_padded_clip_image(handlers, tmp_path):
 def test_bad_uploads_raise_clear_errors(handlers, tmp_path, content, message):
     path = tmp_path / "upload.png"
     path.write_bytes(content)
-    with pytest.raises(gr.Error, match=message):
-        handlers.load(str(path), False)
+    with refused(message):
+        _all_skipped(handlers.load(str(path), False))
 
 
 def test_decompression_bomb_upload_is_refused(handlers, tmp_path):
@@ -119,8 +138,8 @@ def test_decompression_bomb_upload_is_refused(handlers, tmp_path):
     data[16:24] = (20000).to_bytes(4, "big") * 2  # IHDR width/height now claim 20000×20000
     data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
     (tmp_path / "bomb.png").write_bytes(bytes(data))
-    with pytest.raises(gr.Error, match="too large"):
-        handlers.load(str(tmp_path / "bomb.png"), False)
+    with refused("too large"):
+        _all_skipped(handlers.load(str(tmp_path / "bomb.png"), False))
 
 
 def test_clearing_the_upload_resets_the_tab(handlers):
@@ -138,8 +157,8 @@ def test_point_click_marks_the_preview(handlers, ct):
 
 
 def test_click_outside_the_image_is_an_error(handlers, ct):
-    with pytest.raises(gr.Error, match="outside"):
-        handlers.click(ct, "Point", _click(500, 10))
+    with refused("outside"):
+        _all_skipped(handlers.click(ct, "Point", _click(500, 10)))
 
 
 def test_click_without_a_tool_changes_nothing(handlers, ct):
@@ -150,8 +169,8 @@ def test_click_without_a_tool_changes_nothing(handlers, ct):
 def test_box_needs_two_clicks_and_undo_works(handlers, ct):
     half, _, note = handlers.click(ct, "Box", _click(20, 30))
     assert half.marks.pending == (20, 30) and "opposite corner" in note
-    with pytest.raises(gr.Error, match="one corner"):
-        _final(handlers.ask(half, "What is this?", "Box", None, *LOOK))
+    with refused("one corner"):
+        _only(handlers.ask(half, "What is this?", "Box", None, *LOOK))
     box, _, _ = handlers.click(half, "Box", _click(80, 10))
     assert box.marks.active.xyxy == (20, 10, 80, 30)
     undone, _, _ = handlers.undo(box, "Box", None)
@@ -161,15 +180,15 @@ def test_box_needs_two_clicks_and_undo_works(handlers, ct):
 
 
 def test_region_tool_without_mark_is_an_error(handlers, ct):
-    with pytest.raises(gr.Error, match="nothing is marked"):
-        _final(handlers.ask(ct, "What is this?", "Point", None, *LOOK))
+    with refused("nothing is marked"):
+        _only(handlers.ask(ct, "What is this?", "Point", None, *LOOK))
 
 
 def test_empty_sketch_is_an_error(handlers, ct):
     empty = {"background": ct.rgb, "layers": [np.zeros((128, 128, 4), np.uint8)], "composite": ct.rgb}
     for value in (None, empty):
-        with pytest.raises(gr.Error, match="sketch is empty"):
-            _final(handlers.ask(ct, "What is in the marked region?", "Sketch", value, *LOOK))
+        with refused("sketch is empty"):
+            _only(handlers.ask(ct, "What is in the marked region?", "Sketch", value, *LOOK))
 
 
 def test_sketch_region_is_sent_with_the_question(handlers, ct):
@@ -226,23 +245,23 @@ def test_region_note_with_tool_none_says_nothing_is_sent(handlers, ct):
 
 @pytest.mark.parametrize("question", ["", "   ", "<region>"])
 def test_empty_question_is_an_error(handlers, ct, question):
-    with pytest.raises(gr.Error, match="Type a question"):
-        _final(handlers.ask(ct, question, "None", None, *LOOK))
+    with refused("Type a question"):
+        _only(handlers.ask(ct, question, "None", None, *LOOK))
 
 
 def test_region_tag_without_a_region_is_an_error(handlers, ct):
-    with pytest.raises(gr.Error, match="no region is marked"):
-        _final(handlers.ask(ct, "What is <region>?", "None", None, *LOOK))
+    with refused("no region is marked"):
+        _only(handlers.ask(ct, "What is <region>?", "None", None, *LOOK))
 
 
 def test_too_long_question_is_an_error(handlers, ct):
-    with pytest.raises(gr.Error, match="too long"):
-        _final(handlers.ask(ct, "x" * 5000, "None", None, *LOOK))
+    with refused("too long"):
+        _only(handlers.ask(ct, "x" * 5000, "None", None, *LOOK))
 
 
 def test_no_image_is_an_error(handlers):
-    with pytest.raises(gr.Error, match="Upload an image"):
-        _final(handlers.ask(steps.AskSession(), "Describe the image.", "None", None, *LOOK))
+    with refused("Upload an image"):
+        _only(handlers.ask(steps.AskSession(), "Describe the image.", "None", None, *LOOK))
 
 
 def test_ask_streams_and_marks_the_region(handlers, ct):
@@ -337,8 +356,8 @@ def test_segment_with_an_empty_box_asks_the_last_question_for_a_mask(handlers, c
     assert session.answer.mask is not None and session.last_settings.force_answer == texts.SEG_FORCE_ANSWER
     assert final[CHAT][2]["content"] == "What is in the marked region? `<region>`"
     fresh = handlers.new_chat(session)[0]
-    with pytest.raises(gr.Error, match="Type a question"):
-        _final(handlers.segment(fresh, "", "Point", None, *LOOK))
+    with refused("Type a question"):
+        _only(handlers.segment(fresh, "", "Point", None, *LOOK))
 
 
 def test_a_mask_only_answer_says_so_in_the_chat(handlers, ct):
@@ -348,3 +367,27 @@ def test_a_mask_only_answer_says_so_in_the_chat(handlers, ct):
     assert answer.text.strip() == "" and answer.has_mask  # the forced answer is just <SEG>
     assert final[CHAT][-1]["content"] == texts.CHAT_MASK_ONLY.format(pixels=answer.mask_area)
     assert "overlay" in final[CHAT][-1]["content"] and "no text" not in final[CHAT][-1]["content"]
+
+
+def test_a_mistake_quotes_region_as_text_and_logs_one_line(handlers, ct, caplog):
+    """Bugs: a message quoting `<region>` was cut at that word (rendered as HTML), and every user mistake
+    wrote a full traceback to the server log."""
+    caplog.set_level("INFO")
+    with pytest.warns(UserWarning) as record:
+        _only(handlers.ask(ct, "What is <region>?", "None", None, *LOOK))
+    assert "&lt;region&gt;" in str(record[0].message)
+    mine = [r for r in caplog.records if r.name.startswith("portal")]
+    assert len(mine) == 1 and mine[0].exc_info is None and "\n" not in mine[0].getMessage()
+
+
+def test_model_gate_refuses_only_when_the_model_queue_is_full(engine, monkeypatch):
+    """Bug: the queue limit was global, so uploads got "Queue is full" along with questions."""
+    from portal import ask_tab
+
+    h = AskHandlers(portal_context(engine))
+    monkeypatch.setattr(ask_tab, "model_queue_length", lambda _blocks: texts.MODEL_QUEUE_MAX_SIZE - 1)
+    inputs = (None, "Describe the image.", "None", None, *LOOK)
+    assert all(v["is_valid"] for v in h.model_gate(*inputs))
+    monkeypatch.setattr(ask_tab, "model_queue_length", lambda _blocks: texts.MODEL_QUEUE_MAX_SIZE)
+    verdicts = h.model_gate(*inputs)
+    assert len(verdicts) == len(inputs) and verdicts[1]["is_valid"] is False and "busy" in verdicts[1]["message"]
