@@ -574,10 +574,13 @@ def auto_contrast(
     frame: np.ndarray, percentiles: tuple[float, float] = AUTO_CONTRAST_PERCENTILES
 ) -> np.ndarray:
     """Stretch the (0.5, 99.5) percentile range to 0..255 (for MR, US and other non-HU data). (H, W) uint8."""
-    low, high = np.percentile(frame, percentiles)
-    if high <= low:
-        high = low + 1.0
-    return window(frame, center=(low + high) / 2.0, width=float(high - low))
+    low, high = (float(v) for v in np.percentile(frame, percentiles))
+    if not np.isfinite([low, high]).all():  # values near the float limits overflow the interpolation
+        low, high = float(np.min(frame)), float(np.max(frame))
+    width = high - low
+    if not width > 0:  # a flat frame, or one so far from 0 that low + 1 == low in float precision
+        width = max(abs(low) * 1e-6, 1.0)
+    return window(frame, center=low + width / 2.0, width=width)
 
 
 def display_window(image: LoadedImage, preset: str | None) -> WindowPreset | None:

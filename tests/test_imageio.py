@@ -351,3 +351,11 @@ def test_messages_and_logs_never_name_the_file(tmp_path, caplog):
     with pytest.raises(ImageReadError) as info:
         read_image(bad)
     assert "Doe_Jane" not in str(info.value) and "Doe_Jane" not in caplog.text
+
+
+@pytest.mark.parametrize("value", [0.0, 3e30, -3e38])
+def test_flat_frames_far_from_zero_get_a_valid_auto_contrast(value):
+    """Bug (found by benchmarks.fuzz_readers): a NIfTI slice of huge equal values made auto contrast ask for a
+    window of width 0 (low + 1 == low in float32) and the Ask path raised a foreign ValueError."""
+    out = auto_contrast(np.full((4, 5), value, np.float32))
+    assert out.shape == (4, 5) and out.dtype == np.uint8
