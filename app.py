@@ -44,10 +44,12 @@ def open_store(url: str | None):
 
 
 def blocked_paths(store) -> tuple[str, ...]:
-    """Never serve the SQLite database folder through /gradio_api/file=."""
+    """Never serve the SQLite database file or its -wal / -shm through /gradio_api/file= (only those: blocking
+    the whole folder hid the portal's own outputs when Gradio's temp folder lived under it)."""
     url = getattr(store, "url", "") or ""
-    if url.startswith("sqlite:///"):
-        return (str(Path(url.removeprefix("sqlite:///")).resolve().parent),)
+    if url.startswith("sqlite:///") and url.removeprefix("sqlite:///") not in ("", ":memory:"):
+        database = str(Path(url.removeprefix("sqlite:///")).resolve())
+        return (database, f"{database}-wal", f"{database}-shm")
     return ()
 
 

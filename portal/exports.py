@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -79,14 +80,32 @@ def write_downloads(
 
     Gradio copies the files into its own cache (swept by delete_cache); our folders older than an hour go.
     """
-    root = Path(tempfile.gettempdir()) / EXPORT_ROOT_NAME
-    root.mkdir(exist_ok=True)
+    root = private_dir(Path(tempfile.gettempdir()) / EXPORT_ROOT_NAME)
     prune_exports(root, EXPORT_MAX_AGE_S)
-    folder = Path(tempfile.mkdtemp(prefix="answer-", dir=root))
+    folder = Path(tempfile.mkdtemp(prefix="answer-", dir=root))  # 0700
     paths = [record_json(record, folder)]
     if mask is not None:
         paths = [mask_png(mask, folder), mask_nifti(mask, image, plane, index, folder), *paths]
+    for path in paths:  # private to the server's user: 0600 (Gradio's cached copy keeps the mode)
+        os.chmod(path, 0o600)
     return [str(p) for p in paths]
+
+
+def private_dir(path: Path) -> Path:
+    """Create (or tighten) a folder only the server's user may enter (0700)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write text to a new file that only the server's user can read (0600), creating it with that mode."""
+    private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its old mode through O_CREAT
+    return path
 
 
 def prune_exports(root: Path, max_age_s: float) -> None:

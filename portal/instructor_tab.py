@@ -32,6 +32,7 @@ from cases import (
 from cases.deid import deidentify_bytes, strip_image_metadata
 from cases.imaging import MAX_UPLOAD_BYTES, decode_mask
 from cases.records import DIFFICULTIES
+from portal.exports import write_private
 from portal.library_tab import NO_STORE, temp_file
 from portal.quiz_tab import BRUSH_COLOR, drawn_mask
 
@@ -272,8 +273,7 @@ class InstructorHandlers:
     def export_csv(self, session: InstructorSession | None) -> str:
         text = self._call(self.store.attempts_csv, session)
         path = temp_file(EXPORT_DIR, f"quiz_results_{secrets.token_hex(4)}.csv")
-        path.write_text(text, encoding="utf-8")
-        return str(path)
+        return str(write_private(path, text))  # 0600: the results name students
 
     @staticmethod
     def _reference_mask(editor: dict | None, mask_file: str | None, size: tuple[int, int]) -> np.ndarray:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 from gradio.utils import get_upload_folder
@@ -55,10 +54,3 @@ def _is_example_copy(path: Path, examples_dir: Path | None) -> bool:
         if same_size and candidate.read_bytes() == path.read_bytes():
             return True
     return False
-
-
-def private_dir(path: Path) -> Path:
-    """Create (or tighten) a folder only the server's user may enter (0700)."""
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path

@@ -128,7 +128,8 @@ def test_app_entry_point_arguments():
     class Store:
         url = "sqlite:///var/cases.sqlite"
 
-    assert app.blocked_paths(Store()) == (str((Path("var")).resolve()),)
+    database = str(Path("var/cases.sqlite").resolve())  # only the file and its -wal / -shm, not the folder
+    assert app.blocked_paths(Store()) == (database, f"{database}-wal", f"{database}-shm")
 
 
 def test_library_handoff_fills_the_ask_tab(tmp_path):

@@ -103,3 +103,38 @@ def test_files_outside_the_cache_and_example_copies_are_kept(cached_upload, tmp_
     examples.mkdir()
     (examples / "Doe_Jane.png").write_bytes(cached_upload.read_bytes())
     assert not uploads.discard(cached_upload, keep_under=examples) and cached_upload.exists()
+
+
+# ------------------------------------------------------------------------------------ private files
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_sqlite_database_is_private(tmp_path):
+    """Bug: the SQLite file (student answers) was created world-readable (0644)."""
+    from cases import CaseStore
+
+    store = CaseStore(f"sqlite:///{tmp_path / 'new' / 'cases.sqlite'}", seed_starter=False)
+    store.list_cases()
+    assert _mode(tmp_path / "new") == 0o700
+    for name in ("cases.sqlite", "cases.sqlite-wal", "cases.sqlite-shm"):
+        if (tmp_path / "new" / name).exists():
+            assert _mode(tmp_path / "new" / name) == 0o600, name
+
+
+def test_answer_downloads_and_csv_exports_are_private(tmp_path, monkeypatch):
+    """Bug: exports were written world-readable (folder 0755, files 0644)."""
+    import tempfile
+
+    from engine.imageio import LoadedImage
+    from portal import exports
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    image = LoadedImage(np.zeros((1, 8, 8, 3), np.uint8), "photo", None, None, 1)
+    files = [Path(p) for p in exports.write_downloads({"a": 1}, np.ones((8, 8), bool), image, "axial", 0)]
+    assert len(files) == 3 and all(_mode(p) == 0o600 for p in files)
+    assert _mode(files[0].parent) == 0o700 and _mode(files[0].parent.parent) == 0o700
+    csv = exports.write_private(tmp_path / "exports" / "results.csv", "student,answer\n")
+    assert _mode(csv) == 0o600 and _mode(csv.parent) == 0o700
