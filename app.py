@@ -30,6 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--db", default=None, help="case library URL or SQLite path (default: $DATABASE_URL)")
     parser.add_argument("--no-db", action="store_true", help="run without the case library")
+    parser.add_argument(
+        "--session-ttl", type=float, default=None, help="seconds an idle Ask session is kept (default 1800)"
+    )
+    parser.add_argument(
+        "--session-budget-mb", type=int, default=None, help="memory for all Ask sessions together (default 2048)"
+    )
     return parser.parse_args(argv)
 
 
@@ -65,8 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     engine = load_engine(args.model, device=args.device, dtype=args.dtype)
     store = None if args.no_db else open_store(args.db or os.environ.get("DATABASE_URL"))
     examples = Path(os.environ.get("PORTAL_EXAMPLES", EXAMPLES_DIR))
+    limits = {"session_ttl_s": args.session_ttl, "session_budget_mb": args.session_budget_mb}
     settings = PortalSettings(
-        examples_dir=examples if examples.is_dir() else None, blocked_paths=blocked_paths(store)
+        examples_dir=examples if examples.is_dir() else None,
+        blocked_paths=blocked_paths(store),
+        **{name: value for name, value in limits.items() if value is not None},
     )
     demo = build_app(PortalContext(engine=engine, store=store, settings=settings))
     if args.share:
