@@ -150,3 +150,25 @@ def test_app_composes_the_teaching_tabs_that_exist(engine):
     assert titles[0] == texts.ASK_TAB
     expected = [title for module, fn, title in TEACHING_TABS if optional_tab_builder(module, fn) is not None]
     assert titles[1:] == expected
+
+
+def test_a_closed_tab_frees_its_session_and_the_raw_upload_is_gone(served):
+    """Bugs: Gradio kept a closed session's state (the decoded image) for an hour; the raw upload stayed in
+    Gradio's cache, fetchable by URL, for one to two hours."""
+    import time
+
+    demo, _ = served
+    tab = Client(demo.local_url, verbose=False)
+    cached = httpx.post(f"{demo.local_url}gradio_api/upload",
+                        files={"files": ("scan.png", (REPO / "assets/medimages/images/ct-pydicom-spine.png").read_bytes())})  # fmt: skip
+    server_path = cached.json()[0]
+    tab.predict({"path": server_path, "meta": {"_type": "gradio.FileData"}}, False, api_name="/load_image")
+    assert httpx.get(f"{demo.local_url}gradio_api/file={server_path}").status_code != 200
+    assert not Path(server_path).exists()
+    session_id = tab.session_hash
+    assert demo.state_holder.session_data[session_id].state_data  # the session holds its image
+    tab.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and demo.state_holder.session_data[session_id].state_data:
+        time.sleep(0.5)
+    assert not demo.state_holder.session_data[session_id].state_data  # the gr.State values are gone
