@@ -53,10 +53,11 @@ class Plan:
     students: int
     session_ttl_s: float
     class_timeout_s: float
+    deep_png_side: int  # a 16-bit greyscale PNG of this side, for the peak memory of a large photo
 
 
-FULL = Plan((512, 512, 500), 5, 100, 300.0, 50, 1800.0, 300.0)
-SMALL = Plan((256, 256, 120), 2, 4, 20.0, 3, 1800.0, 120.0)
+FULL = Plan((512, 512, 500), 5, 100, 300.0, 50, 1800.0, 300.0, 6300)
+SMALL = Plan((256, 256, 120), 2, 4, 20.0, 3, 1800.0, 120.0, 1500)
 
 
 # ------------------------------------------------------------------------------------------------ server
@@ -125,6 +126,30 @@ def ct_volume(path: Path, shape: tuple[int, int, int]) -> Path:
     image = nib.Nifti1Image(data, np.diag([0.7, 0.7, 1.0, 1.0]))
     path.write_bytes(gzip.compress(image.to_bytes(), 6))
     return path
+
+
+def deep_png(path: Path, side: int) -> Path:
+    """A side x side 16-bit greyscale PNG (a smooth gradient with noise: small to upload, large to decode)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 60000, side, dtype=np.float32)
+    values = (ramp[None, :] * 0.5 + ramp[:, None] * 0.5).astype(np.uint16)
+    values[:: max(side // 64, 1)] += rng.integers(0, 100, side, dtype=np.uint16)
+    Image.fromarray(values).save(path, compress_level=9)
+    return path
+
+
+def peak_of_one_upload(url: str, pid: int, path: Path) -> float:
+    """Peak resident MiB above the level before, while one fresh session reads path."""
+    session = client(url)
+    settle(2)
+    before = rss_mb(pid)
+    reset_peak(pid)
+    upload(session, path)
+    peak = rss_mb(pid, "VmHWM") - before
+    session.close()
+    return peak
 
 
 def photo_with_patient_data(path: Path) -> Path:
@@ -267,6 +292,10 @@ def run(plan: Plan, port: int) -> None:
                   "(target <= 64 MB)", flush=True)  # fmt: skip
             print(f"2. peak memory while reading it: {peak:.0f} MiB above the level before "
                   "(target <= 512 MB)", flush=True)  # fmt: skip
+            side = plan.deep_png_side
+            png_peak = peak_of_one_upload(url, server.pid, deep_png(work / "deep.png", side))
+            print(f"2b. peak memory while reading a {side}x{side} 16-bit PNG: {png_peak:.0f} MiB above the level "
+                  "before (target <= 512 MB)", flush=True)  # fmt: skip
             for session in open_sessions:
                 session.close()
             open_mb, after_mb = closed_sessions(url, server.pid, volume, plan.closed_sessions, plan.close_wait_s)

@@ -59,6 +59,8 @@ DEFLATED_UID = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
 NIFTI2_SIZEOF_HDR = (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # 540, little / big endian
 PHOTO_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # Pillow decoders we allow; all others are refused
 AUTO_CONTRAST_PERCENTILES = (0.5, 99.5)
+PERCENTILE_SAMPLE_PIXELS = 4_000_000  # auto contrast of a larger frame reads its percentiles on a subsample
+WINDOW_CHUNK_PIXELS = 1 << 20  # windowing works on row blocks of about this many pixels
 
 Kind = Literal["photo", "dicom", "nifti"]
 Plane = Literal["axial", "coronal", "sagittal"]
@@ -566,15 +568,24 @@ def window(frame: np.ndarray, center: float, width: float) -> np.ndarray:
     if width <= 0:
         raise ValueError(f"window width must be positive, got {width}")
     low = center - width / 2.0
-    scaled = (frame.astype(np.float32) - low) / float(width) * 255.0
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    out = np.empty(frame.shape, np.uint8)
+    step = max(1, WINDOW_CHUNK_PIXELS // max(frame.shape[1], 1))  # rows per chunk: no full-size temporaries
+    for top in range(0, frame.shape[0], step):
+        scaled = (frame[top : top + step].astype(np.float32) - low) / float(width) * 255.0
+        out[top : top + step] = np.clip(np.rint(scaled), 0, 255)
+    return out
 
 
 def auto_contrast(
     frame: np.ndarray, percentiles: tuple[float, float] = AUTO_CONTRAST_PERCENTILES
 ) -> np.ndarray:
-    """Stretch the (0.5, 99.5) percentile range to 0..255 (for MR, US and other non-HU data). (H, W) uint8."""
-    low, high = (float(v) for v in np.percentile(frame, percentiles))
+    """Stretch the (0.5, 99.5) percentile range to 0..255 (for MR, US and other non-HU data). (H, W) uint8.
+
+    Frames over PERCENTILE_SAMPLE_PIXELS take the percentiles on a regular subsample (bounded memory).
+    """
+    stride = int(np.ceil(np.sqrt(frame.size / PERCENTILE_SAMPLE_PIXELS))) if frame.size else 1
+    sample = frame[::stride, ::stride] if stride > 1 else frame
+    low, high = (float(v) for v in np.percentile(sample, percentiles))
     if not np.isfinite([low, high]).all():  # values near the float limits overflow the interpolation
         low, high = float(np.min(frame)), float(np.max(frame))
     width = high - low
