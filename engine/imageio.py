@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 MAX_IMAGE_PIXELS = 40_000_000  # per 2-D image (width x height), checked on the header before decoding
 MAX_VOLUME_VOXELS = 160_000_000  # per DICOM file / NIfTI volume (all frames together): 512 x 512 x 600
 MAX_FILE_BYTES = 200 * 1024 * 1024  # refuse larger files before opening them
-MAX_DECODED_BYTES = 320 * 1024 * 1024  # decoded pixels (or inflated DICOM) of one upload: bounds peak memory
+MAX_DECODED_BYTES = 192 * 1024 * 1024  # DICOM pixels (or inflated bytes) of one upload: pydicom holds both the
+# raw and the decoded pixels at once, so this bounds the peak of a read to about twice it
 MAX_SPILLED_BYTES = 1024 * 1024 * 1024  # a NIfTI volume streamed to disk (never whole in memory)
 SPILL_BYTES = 16 * 1024 * 1024  # decoded volumes above this live in a private memory-mapped file, not in RAM
 CHUNK_BYTES = 4 * 1024 * 1024  # streaming copy / inflate step

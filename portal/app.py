@@ -63,6 +63,7 @@ def optional_tab_builder(module_name: str, function_name: str) -> Callable[[Port
 def build_app(ctx: PortalContext) -> gr.Blocks:
     """The whole portal as a queued gr.Blocks; launch it with `demo.launch(**launch_kwargs(ctx.settings))`."""
     settings = ctx.settings
+
     def release_session(request: gr.Request) -> None:
         """A closed tab frees its session's memory now, not after Gradio's hour for closed sessions."""
         ctx.sessions.release(request.session_hash)
