@@ -283,7 +283,7 @@ def raw_upload_served(url: str, path: Path) -> tuple[bool, bool]:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def run(plan: Plan, port: int) -> None:
+def run(plan: Plan, port: int, class_only: bool = False, keep_log: Path | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="medplib-load-") as folder:
         work = Path(folder)
         volume = ct_volume(work / "ct.nii.gz", plan.volume_shape)
@@ -298,27 +298,36 @@ def run(plan: Plan, port: int) -> None:
             settle(5)
             baseline = rss_mb(server.pid)
             print(f"server baseline (model loaded, warmed up): {baseline:.0f} MiB", flush=True)
-            per_session, peak, open_sessions = memory_per_session(url, server.pid, volume, plan.per_session_samples)
-            print(f"1. memory kept per session after a {shape} volume upload: {per_session:.1f} MiB "
-                  "(target <= 64 MB)", flush=True)  # fmt: skip
-            print(f"2. peak memory while reading it: {peak:.0f} MiB above the level before "
-                  "(target <= 512 MB)", flush=True)  # fmt: skip
-            side = plan.deep_png_side
-            png_peak = peak_of_one_upload(url, server.pid, deep_png(work / "deep.png", side))
-            print(f"2b. peak memory while reading a {side}x{side} 16-bit PNG: {png_peak:.0f} MiB above the level "
-                  "before (target <= 512 MB)", flush=True)  # fmt: skip
-            for session in open_sessions:
-                session.close()
-            if plan.closed_sessions:
-                _closed_figure(url, server.pid, volume, plan, baseline)
-            before, after = raw_upload_served(url, photo_with_patient_data(work / "Doe_Jane_1970.png"))
-            print(f"5. raw upload with patient data fetched by URL: before it was read "
-                  f"{'served' if before else 'not served'}; after it was read "
-                  f"{'SERVED' if after else 'not served'} (target: not served)", flush=True)  # fmt: skip
+            if not class_only:
+                _memory_and_privacy_figures(url, server.pid, work, volume, plan, baseline)
             results = a_class(url, plan.students, plan.class_timeout_s)
             _report_class(results, plan.students)
             log = (work / "server.log").read_text()
             print(f"server log: {log.count('Traceback')} tracebacks; 'Queue is full' {log.count('Queue is full')} times")
+            if keep_log is not None:
+                keep_log.write_text(log)
+
+
+def _memory_and_privacy_figures(url: str, pid: int, work: Path, volume: Path, plan: Plan, baseline: float) -> None:
+    """Figures 1, 2, 2b, 3 and 5 (figure 4 is the class)."""
+    shape = "x".join(map(str, plan.volume_shape))
+    per_session, peak, open_sessions = memory_per_session(url, pid, volume, plan.per_session_samples)
+    print(f"1. memory kept per session after a {shape} volume upload: {per_session:.1f} MiB "
+          "(target <= 64 MB)", flush=True)  # fmt: skip
+    print(f"2. peak memory while reading it: {peak:.0f} MiB above the level before "
+          "(target <= 512 MB)", flush=True)  # fmt: skip
+    side = plan.deep_png_side
+    png_peak = peak_of_one_upload(url, pid, deep_png(work / "deep.png", side))
+    print(f"2b. peak memory while reading a {side}x{side} 16-bit PNG: {png_peak:.0f} MiB above the level "
+          "before (target <= 512 MB)", flush=True)  # fmt: skip
+    for session in open_sessions:
+        session.close()
+    if plan.closed_sessions:
+        _closed_figure(url, pid, volume, plan, baseline)
+    before, after = raw_upload_served(url, photo_with_patient_data(work / "Doe_Jane_1970.png"))
+    print(f"5. raw upload with patient data fetched by URL: before it was read "
+          f"{'served' if before else 'not served'}; after it was read "
+          f"{'SERVED' if after else 'not served'} (target: not served)", flush=True)  # fmt: skip
 
 
 def _closed_figure(url: str, pid: int, volume: Path, plan: Plan, baseline: float) -> None:
@@ -352,12 +361,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=7861)
     parser.add_argument("--students", type=int, default=None)
     parser.add_argument("--sessions", type=int, default=None, help="sessions opened and closed (figure 3; 0 skips)")
+    parser.add_argument("--class-only", action="store_true", help="only figure 4 (the class at once)")
+    parser.add_argument("--keep-log", type=Path, default=None, help="copy the server's log here")
     parser.add_argument("--close-wait", type=float, default=None, help="seconds after closing (default 300)")
     args = parser.parse_args(argv)
     plan = SMALL if args.small else FULL
     overrides = {"students": args.students, "closed_sessions": args.sessions, "close_wait_s": args.close_wait}
     plan = Plan(**{**plan.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
-    run(plan, args.port)
+    run(plan, args.port, class_only=args.class_only, keep_log=args.keep_log)
 
 
 if __name__ == "__main__":

@@ -120,9 +120,10 @@ class AskHandlers:
             gr.update(minimum=1, maximum=max(count, 2), value=session.index + 1, visible=count > 1),
             gr.update(value=session.plane, visible=is_nifti),
             gr.update(value=steps.window_choice(session), visible=greyscale),
-            steps.preview(session),
-            session.rgb,
-            gr.update(value=steps.model_input(session) if show_input else None, visible=bool(show_input)),
+            exports.shown_png(steps.preview(session)),
+            exports.shown_png(session.rgb),
+            gr.update(value=exports.shown_png(steps.model_input(session)) if show_input else None,
+                      visible=bool(show_input)),  # fmt: skip
             [],
             None,
             "",
@@ -132,7 +133,7 @@ class AskHandlers:
         )
 
     def show_model_input(self, session: AskSession, show: bool) -> Any:
-        return gr.update(value=steps.model_input(session) if show else None, visible=bool(show))
+        return gr.update(value=exports.shown_png(steps.model_input(session)) if show else None, visible=bool(show))
 
     # ---- region marks -----------------------------------------------------------------------------
     def click(self, session: AskSession, tool: str, evt: gr.SelectData) -> tuple:
@@ -253,7 +254,8 @@ class AskHandlers:
         assert answer is not None and session.image is not None
         record = steps.record(session, self.ctx.engine.info, exports.utc_now())
         files = exports.write_downloads(record, answer.mask, session.image, session.plane, session.index)
-        return (steps.mask_overlay(session, *look), steps.mask_summary(session), files, self._routing(answer))
+        overlay = exports.shown_png(steps.mask_overlay(session, *look))
+        return (overlay, steps.mask_summary(session), files, self._routing(answer))
 
     def _routing(self, answer: Answer) -> Any:
         if not answer.experts or not answer.experts[0]:
@@ -267,7 +269,7 @@ class AskHandlers:
         return steps.new_conversation(session), [], None, "", None, None
 
     def restyle(self, session: AskSession, opacity: float, style: str, color: str) -> Any:
-        return steps.mask_overlay(session, opacity, style, color)
+        return exports.shown_png(steps.mask_overlay(session, opacity, style, color))
 
 
 # --------------------------------------------------------------------------------------------- chat

@@ -5,6 +5,7 @@ Uploaded file names are never written (they may name a patient).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -114,6 +115,31 @@ def prune_exports(root: Path, max_age_s: float) -> None:
     for folder in root.glob("answer-*"):
         if folder.is_dir() and folder.stat().st_mtime < cutoff:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+SHOWN_ROOT_NAME = "medplib-portal-shown"
+SHOWN_MAX_AGE_S = 300  # Gradio copies a shown file into its cache right after the event; ours can go soon
+
+
+def shown_png(rgb: np.ndarray | None) -> str | None:
+    """(H, W, 3) uint8 -> a private PNG file to return as an image output instead of the array, or None.
+
+    Gradio writes an image array it encodes itself in place to a content-hashed cache path, so the same image
+    shown to many students at once (one upload handed out to a class) was served half-written to some of them
+    ("Response content shorter than Content-Length"); a returned file is copied into the cache atomically.
+    """
+    if rgb is None:
+        return None
+    root = private_dir(Path(tempfile.gettempdir()) / SHOWN_ROOT_NAME)
+    cutoff = time.time() - SHOWN_MAX_AGE_S
+    for old in root.glob("shown-*.png"):
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+    fd, name = tempfile.mkstemp(prefix="shown-", suffix=".png", dir=root)  # 0600
+    with os.fdopen(fd, "wb") as f:
+        Image.fromarray(np.ascontiguousarray(rgb)).save(f, format="PNG", compress_level=1)
+    return name
 
 
 def utc_now() -> str:

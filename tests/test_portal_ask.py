@@ -53,6 +53,11 @@ def refused(match: str):
         yield
 
 
+def _pixels(shown: str) -> np.ndarray:
+    """The image behind an image output (the Ask tab returns private PNG files, see exports.shown_png)."""
+    return np.asarray(Image.open(shown).convert("RGB"))
+
+
 def _all_skipped(outputs: tuple) -> None:
     assert all(value == gr.skip() for value in outputs), "a refused request must leave every output unchanged"
 
@@ -83,7 +88,7 @@ def test_ct_upload_shows_soft_tissue_window_and_spacing(handlers):
     assert "CT" in out[INFO] and "0.661" in out[INFO]
     assert out[WINDOW]["value"] == "soft tissue" and out[WINDOW]["visible"]
     assert out[POSITION]["visible"] is False and out[PLANE]["visible"] is False
-    assert out[PREVIEW].shape == (128, 128, 3) and out[EDITOR].shape == (128, 128, 3)
+    assert _pixels(out[PREVIEW]).shape == (128, 128, 3) and _pixels(out[EDITOR]).shape == (128, 128, 3)
 
 
 def test_window_preset_changes_the_model_image(handlers, ct):
@@ -99,7 +104,7 @@ def test_multiframe_dicom_gets_a_frame_slider(handlers):
     assert out[WINDOW]["visible"] is False  # colour: no window
     later = handlers.change_view(out[SESSION], 16, "axial", imageio.AUTO, False)
     assert later[SESSION].index == 15 and "frame 16/30" in later[INFO]
-    assert not np.array_equal(later[PREVIEW], out[PREVIEW])
+    assert not np.array_equal(_pixels(later[PREVIEW]), _pixels(out[PREVIEW]))
 
 
 def test_nifti_upload_has_planes_and_slices(handlers):
@@ -112,7 +117,7 @@ def test_nifti_upload_has_planes_and_slices(handlers):
 
 def test_model_input_toggle_shows_the_padded_clip_image(handlers, tmp_path):
     out = handlers.load(str(write_png(tmp_path / "wide.png", 90, 180)), True)
-    view = out[MODEL_INPUT]["value"]
+    view = _pixels(out[MODEL_INPUT]["value"])
     assert out[MODEL_INPUT]["visible"] and view.shape == (336, 336, 3)
     assert tuple(view[0, 0]) == (122, 116, 104)  # CLIP mean-colour padding above a wide image
     assert handlers.show_model_input(out[SESSION], False)["visible"] is False
@@ -288,7 +293,8 @@ def test_segment_gives_overlay_area_downloads_and_routing(handlers, ct, engine):
     session = final[0]
     mask = session.answer.mask
     assert mask is not None and mask.shape == (128, 128)
-    assert final[OVERLAY].shape == (128, 128, 3) and not np.array_equal(final[OVERLAY], ct.rgb)
+    overlay = _pixels(final[OVERLAY])
+    assert overlay.shape == (128, 128, 3) and not np.array_equal(overlay, ct.rgb)
     assert f"{int(mask.sum()):,} pixels" in final[AREA] and "mm²" in final[AREA]
     names = sorted(Path(p).name for p in final[FILES])
     assert names == ["mask.nii.gz", "mask.png", "record.json"]
@@ -322,9 +328,9 @@ def test_nifti_mask_download_goes_back_into_the_volume(handlers):
 
 def test_restyle_and_new_conversation(handlers, ct):
     session = _final(handlers.segment(ct, "Segment the body.", "None", None, *LOOK))[0]
-    fill = handlers.restyle(session, 0.5, "fill", "orange")
-    outline = handlers.restyle(session, 0.5, "outline", "orange")
-    blue = handlers.restyle(session, 0.5, "fill", "sky blue")
+    fill = _pixels(handlers.restyle(session, 0.5, "fill", "orange"))
+    outline = _pixels(handlers.restyle(session, 0.5, "outline", "orange"))
+    blue = _pixels(handlers.restyle(session, 0.5, "fill", "sky blue"))
     assert not np.array_equal(fill, outline) and not np.array_equal(fill, blue)
     fresh = handlers.new_chat(session)
     assert fresh[0].history == () and fresh[0].answer is None and fresh[1] == [] and fresh[2] is None
@@ -391,3 +397,12 @@ def test_model_gate_refuses_only_when_the_model_queue_is_full(engine, monkeypatc
     monkeypatch.setattr(ask_tab, "model_queue_length", lambda _blocks: texts.MODEL_QUEUE_MAX_SIZE)
     verdicts = h.model_gate(*inputs)
     assert len(verdicts) == len(inputs) and verdicts[1]["is_valid"] is False and "busy" in verdicts[1]["message"]
+
+
+def test_image_outputs_are_private_files_not_arrays(handlers, ct):
+    """Bug: Gradio rewrote the cached PNG of an image array in place, so the same upload shown to many
+    students at once was served half-written to some ("Response content shorter than Content-Length")."""
+    out = handlers.change_view(ct, 1, "axial", "bone", False)
+    for shown in (out[PREVIEW], out[EDITOR]):
+        assert isinstance(shown, str) and (Path(shown).stat().st_mode & 0o777) == 0o600
+    np.testing.assert_array_equal(_pixels(out[EDITOR]), out[SESSION].rgb)
