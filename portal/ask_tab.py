@@ -114,14 +114,15 @@ class AskHandlers:
         count = imageio.n_slices(session.image, session.plane) if session.image else 1
         is_nifti = session.image is not None and session.image.kind == "nifti"
         greyscale = session.image is not None and not session.image.is_color
+        shown = exports.shown_png(session.rgb)  # a new view has no marks: the preview is the image itself
         return (
             session,
             steps.describe(session) if session.has_image else "",
             gr.update(minimum=1, maximum=max(count, 2), value=session.index + 1, visible=count > 1),
             gr.update(value=session.plane, visible=is_nifti),
             gr.update(value=steps.window_choice(session), visible=greyscale),
-            exports.shown_png(steps.preview(session)),
-            exports.shown_png(session.rgb),
+            shown,
+            shown,
             gr.update(value=exports.shown_png(steps.model_input(session)) if show_input else None,
                       visible=bool(show_input)),  # fmt: skip
             [],
