@@ -300,8 +300,8 @@ def run(plan: Plan, port: int, class_only: bool = False, keep_log: Path | None =
             print(f"server baseline (model loaded, warmed up): {baseline:.0f} MiB", flush=True)
             if not class_only:
                 _memory_and_privacy_figures(url, server.pid, work, volume, plan, baseline)
-            results = a_class(url, plan.students, plan.class_timeout_s)
-            _report_class(results, plan.students)
+            if plan.students:
+                _report_class(a_class(url, plan.students, plan.class_timeout_s), plan.students)
             log = (work / "server.log").read_text()
             print(f"server log: {log.count('Traceback')} tracebacks; 'Queue is full' {log.count('Queue is full')} times")
             if keep_log is not None:
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="a few students and small volumes (CI)")
     parser.add_argument("--port", type=int, default=7861)
-    parser.add_argument("--students", type=int, default=None)
+    parser.add_argument("--students", type=int, default=None, help="students at once (figure 4; 0 skips)")
     parser.add_argument("--sessions", type=int, default=None, help="sessions opened and closed (figure 3; 0 skips)")
     parser.add_argument("--class-only", action="store_true", help="only figure 4 (the class at once)")
     parser.add_argument("--keep-log", type=Path, default=None, help="copy the server's log here")
