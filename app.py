@@ -31,6 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--db", default=None, help="case library URL or SQLite path (default: $DATABASE_URL)")
     parser.add_argument("--no-db", action="store_true", help="run without the case library")
+    parser.add_argument(
+        "--session-ttl", type=float, default=None, help="seconds an idle Ask session is kept (default 1800)"
+    )
+    parser.add_argument(
+        "--session-budget-mb", type=int, default=None, help="memory for all Ask sessions together (default 2048)"
+    )
     return parser.parse_args(argv)
 
 
@@ -45,10 +51,12 @@ def open_store(url: str | None):
 
 
 def blocked_paths(store) -> tuple[str, ...]:
-    """Never serve the SQLite database folder through /gradio_api/file=."""
+    """Never serve the SQLite database file or its -wal / -shm through /gradio_api/file= (only those: blocking
+    the whole folder hid the portal's own outputs when Gradio's temp folder lived under it)."""
     url = getattr(store, "url", "") or ""
-    if url.startswith("sqlite:///"):
-        return (str(Path(url.removeprefix("sqlite:///")).resolve().parent),)
+    if url.startswith("sqlite:///") and url.removeprefix("sqlite:///") not in ("", ":memory:"):
+        database = str(Path(url.removeprefix("sqlite:///")).resolve())
+        return (database, f"{database}-wal", f"{database}-shm")
     return ()
 
 
@@ -66,9 +74,14 @@ def main(argv: list[str] | None = None) -> None:
     examples = Path(os.environ.get("PORTAL_EXAMPLES", EXAMPLES_DIR))
     on_space = bool(os.environ.get("SPACE_ID"))
     allowlist = tuple(n.strip() for n in os.environ.get("MEDPLIB_INSTRUCTORS_HF", "").split(",") if n.strip())
+    limits = {"session_ttl_s": args.session_ttl, "session_budget_mb": args.session_budget_mb}
     settings = PortalSettings(
-        examples_dir=examples if examples.is_dir() else None, blocked_paths=blocked_paths(store),
-        hf_oauth=on_space and bool(allowlist), instructor_allowlist=allowlist, cookie_secure=on_space,
+        examples_dir=examples if examples.is_dir() else None,
+        blocked_paths=blocked_paths(store),
+        hf_oauth=on_space and bool(allowlist),
+        instructor_allowlist=allowlist,
+        cookie_secure=on_space,
+        **{name: value for name, value in limits.items() if value is not None},
     )
     demo = build_app(PortalContext(engine=engine, store=store, settings=settings))
     if args.share:

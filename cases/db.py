@@ -9,6 +9,7 @@ ourselves (BEGIN IMMEDIATE for writers, so they never fail upgrading a read lock
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,21 @@ def make_engine(url: str) -> Engine:
     if database in ("", ":memory:"):
         engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
     else:
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        make_private_sqlite_file(Path(database))
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
     _install_sqlite_hooks(engine)
     return engine
+
+
+def make_private_sqlite_file(path: Path) -> None:
+    """The database file (and the -wal / -shm files SQLite creates with its mode) readable by the server's user
+    only: 0600 files; a folder created here is 0700. Student answers are personal data."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if name.exists():
+            os.chmod(name, 0o600)
 
 
 def _install_sqlite_hooks(engine: Engine) -> None:

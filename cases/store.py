@@ -68,7 +68,15 @@ SESSION_LIFETIME = dt.timedelta(hours=8)
 SESSION_PURGE_INTERVAL = dt.timedelta(minutes=1)
 MAX_USERNAME_CHARS = 80
 WRONG_LOGIN = "wrong instructor username or password"
-STUDENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
+STUDENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")  # pseudonyms and usernames: at most 80 characters
+MAX_ANSWER_CHARS = 1000  # a stored quiz answer (a person's typed answer is a few words)
+MAX_ATTEMPTS_PER_STUDENT_MINUTE = 12  # stored attempts per student id per minute: faster than anyone answers
+MAX_ATTEMPTS_PER_MINUTE = 600  # stored attempts per minute from everyone: a class of 100 at a brisk pace
+RATE_WINDOW = dt.timedelta(minutes=1)
+
+
+class TooManyAttempts(InvalidCaseData):
+    """Attempts arrive faster than a person could answer; nothing was stored."""
 OPERATOR_USERNAME = "operator (local)"
 
 
@@ -350,7 +358,10 @@ class CaseStore:
         """
         if not STUDENT_ID_PATTERN.match(student):
             raise InvalidCaseData("student ids are 1-80 letters, digits, '.', '_' or '-' (no real names)")
+        if len(answer) > MAX_ANSWER_CHARS:
+            raise InvalidCaseData(f"answers are at most {MAX_ANSWER_CHARS} characters; shorten yours")
         with self._writing() as db:
+            _check_attempt_rate(db, student)
             question = db.get(Question, question_id)
             if question is None or not question.case.published:
                 raise CaseNotFound(f"no published question {question_id}")
@@ -662,3 +673,13 @@ def _score_drawing(question: Question, drawn: np.ndarray | None) -> Any:
     from cases.imaging import decode_mask
 
     return overlap(np.asarray(drawn).astype(bool), decode_mask(reference.png))
+
+
+def _check_attempt_rate(db: Session, student: str) -> None:
+    """Refuse an attempt when this student, or everyone together, stored too many within the last minute."""
+    since = utc_now() - RATE_WINDOW
+    recent = select(func.count()).select_from(Attempt).where(Attempt.created_at > since)
+    if db.scalar(recent.where(Attempt.student == student)) >= MAX_ATTEMPTS_PER_STUDENT_MINUTE:
+        raise TooManyAttempts("too many answers in one minute; take a moment before the next one")
+    if db.scalar(recent) >= MAX_ATTEMPTS_PER_MINUTE:
+        raise TooManyAttempts("the quiz is receiving too many answers right now; try again in a minute")

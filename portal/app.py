@@ -21,6 +21,7 @@ from portal.ask_tab import AskTabInputs, build_ask_tab
 from portal.class_tab import build_class_tab
 from portal.context import PortalContext, PortalSettings
 from portal.instructor_auth import instructor_routes
+from portal.session_memory import close_session, reopen_session
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,11 @@ def optional_tab_builder(module_name: str, function_name: str) -> Callable[[Port
 def build_app(ctx: PortalContext) -> gr.Blocks:
     """The whole portal as a queued gr.Blocks; launch it with `demo.launch(**launch_kwargs(ctx.settings))`."""
     settings = ctx.settings
+
+    def release_session(request: gr.Request) -> None:
+        """A closed tab frees its session's memory now, not after Gradio's hour for closed sessions."""
+        ctx.sessions.release(request.session_hash)
+
     with gr.Blocks(title=texts.TITLE, analytics_enabled=False, delete_cache=settings.delete_cache) as demo:
         gr.Markdown(f"# {texts.TITLE}")
         gr.Markdown(banner_markdown(ctx.engine.info), elem_id="portal-banner")
@@ -84,6 +90,11 @@ def build_app(ctx: PortalContext) -> gr.Blocks:
                     wire_handoff(returned, ask_inputs, tabs)
             with gr.Tab(texts.CLASS_TAB):
                 build_class_tab(ctx, instructor)
+        demo.unload(release_session)
+        ctx.sessions.attach(
+            lambda session_id: close_session(demo, session_id),
+            lambda session_id: reopen_session(demo, session_id),
+        )
     demo.queue(max_size=settings.queue_max_size, default_concurrency_limit=settings.ui_concurrency_limit)
     return demo
 

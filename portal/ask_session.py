@@ -21,6 +21,7 @@ from engine.results import Answer, GenerationSettings
 from portal import overlay, texts
 from portal.regions import Mark, RegionMarks
 from portal.safe_text import plain
+from portal.session_memory import nbytes_of
 
 
 class UserInputError(ValueError):
@@ -52,9 +53,12 @@ class AskSession:
 # ------------------------------------------------------------------------------------------- the image
 
 
-def load(path: str | Path) -> AskSession:
-    """Read an uploaded file and show its middle slice or frame. Raises ImageReadError."""
-    image = imageio.read_image(path)
+def load(path: str | Path, spill_dir: Path | None = None) -> AskSession:
+    """Read an uploaded file and show its middle slice or frame. Raises ImageReadError or UserInputError.
+
+    spill_dir: where large volumes are memory-mapped from (engine.imageio.read_image).
+    """
+    image = imageio.read_image(path, spill_dir=spill_dir)
     _check_shape(image)
     image, note = _flatten_transparency(image, Path(path))
     note = " ".join(n for n in (note, _four_d_note(image, Path(path))) if n)
@@ -110,6 +114,13 @@ def with_view(session: AskSession, *, index: int, plane: str, preset: str | None
     index = int(np.clip(index, 0, imageio.n_slices(image, plane) - 1))
     rgb = imageio.to_rgb(image, index, plane, preset)
     return AskSession(image=image, index=index, plane=plane, preset=preset, rgb=rgb, note=session.note)
+
+
+def memory_bytes(session: AskSession) -> int:
+    """Bytes this session keeps in memory: the decoded image (0 when memory-mapped), the RGB view, the
+    engine's image embeddings and the last mask."""
+    mask = session.answer.mask if session.answer is not None else None
+    return nbytes_of(session.image, session.rgb, session.handle, mask)
 
 
 def window_choice(session: AskSession) -> str:

@@ -1,11 +1,12 @@
 """The Ask tab: upload an image, mark a region, ask MedPLIB, see the streamed answer and the mask.
 
-Layout and wiring live in `build_ask_tab`; `AskHandlers` holds one short method per event (each turns user
-mistakes into `gr.Error`); the steps themselves are in portal/ask_session.py (no gradio there).
+Layout and wiring live in `build_ask_tab`; `AskHandlers` holds one short method per event (a user mistake
+shows one `gr.Warning` and leaves every output as it was); the steps themselves are in portal/ask_session.py (no gradio there).
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import gradio as gr
 from engine import imageio
 from engine.results import Answer, GenerationSettings, answer_is_unfinished
 from portal import ask_session as steps
-from portal import exports, texts
+from portal import exports, texts, uploads
 from portal.ask_session import AskSession, UserInputError
 from portal.context import PortalContext
 from portal.regions import RegionMarks
@@ -29,40 +30,92 @@ logger = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 8
 WINDOW_CHOICES = [imageio.AUTO, *imageio.WINDOW_PRESETS]
+N_VIEW_OUTPUTS = 14  # session, info, slider, plane, window, preview, editor, model input, chat, overlay, ...
+N_TALK_OUTPUTS = 7  # session, chat, question, overlay, area, downloads, routing plot
+
+
+def refuse(message: str, n_outputs: int) -> tuple:
+    """A user mistake: one readable message, every output unchanged, one log line without a traceback.
+
+    The message is HTML-escaped, so text such as `<region>` is shown as text (the toast renders HTML).
+    Messages never contain file names or the user's own text.
+    """
+    gr.Warning(html.escape(message))
+    logger.info("ask tab refused a request: %s", message[:160])
+    return tuple(gr.skip() for _ in range(n_outputs))
+
+
+def model_queue_length(blocks: Any) -> int:
+    """Events waiting in the model's concurrency group (0 before launch or when unknown)."""
+    queue = getattr(blocks, "_queue", None)
+    waiting = getattr(queue, "event_queue_per_concurrency_id", {}).get(texts.MODEL_CONCURRENCY_ID)
+    return len(waiting.queue) if waiting is not None else 0
 
 
 class AskHandlers:
     """Event handlers of the Ask tab for one portal (engine and settings from the context)."""
 
-    def __init__(self, ctx: PortalContext) -> None:
+    def __init__(self, ctx: PortalContext, blocks: Any = None) -> None:
         self.ctx = ctx
+        self.blocks = blocks  # the gr.Blocks being built, for the model queue's length
 
     # ---- image and view ---------------------------------------------------------------------------
-    def load(self, path: str | None, show_input: bool) -> tuple:
-        """A new upload (or example): read it and reset everything that belonged to the old image."""
+    def load(self, path: str | None, show_input: bool, request: gr.Request | None = None) -> tuple:
+        """A new upload (or example): read it and reset everything that belonged to the old image.
+
+        The raw upload is deleted from Gradio's cache as soon as it is read (or refused): its metadata may
+        identify a patient, and it must not stay fetchable by URL. A bad file leaves the old image in place.
+        """
         if not path:
             return self._view(AskSession(), show_input)
         try:
-            session = steps.load(path)
+            session = steps.load(path, spill_dir=self.ctx.settings.spill_dir)
         except (imageio.ImageReadError, UserInputError) as err:
-            raise gr.Error(str(err)) from err
+            return refuse(str(err), N_VIEW_OUTPUTS)
+        finally:
+            uploads.discard(path, keep_under=self.ctx.settings.examples_dir)
+        self._account(request, session)
         return self._view(session, show_input)
 
     def change_view(
-        self, session: AskSession, position: int, plane: str, window: str, show_input: bool
+        self,
+        session: AskSession,
+        position: int,
+        plane: str,
+        window: str,
+        show_input: bool,
+        request: gr.Request | None = None,
     ) -> tuple:
         """Frame / slice slider (1-based), plane or window changed: a new image for the model."""
         if session.image is None:
-            raise gr.Error(texts.ERR_NO_IMAGE)
+            return refuse(texts.ERR_NO_IMAGE, N_VIEW_OUTPUTS)
         index = int(position) - 1
         if plane != session.plane:  # a new plane starts in its middle
             index = imageio.n_slices(session.image, plane) // 2
-        return self._view(steps.with_view(session, index=index, plane=plane, preset=window), show_input)
+        session = steps.with_view(session, index=index, plane=plane, preset=window)
+        self._account(request, session)
+        return self._view(session, show_input)
+
+    def _account(self, request: gr.Request | None, session: AskSession) -> None:
+        """Tell the session memory budget what this browser session now holds (may drop idle others)."""
+        if request is not None:
+            self.ctx.sessions.touch(request.session_hash, steps.memory_bytes(session))
+
+    def model_gate(self, *inputs: Any) -> tuple:
+        """Validator of model events (one verdict per input): refuse before queueing when the model's own
+        queue is full; the message is shown at the question box (input 1). Other events never wait for it."""
+        waiting = model_queue_length(self.blocks)
+        if waiting < self.ctx.settings.model_queue_max_size:
+            return tuple(gr.validate(True, "") for _ in inputs)
+        logger.info("model queue full (%d waiting): a question was refused", waiting)
+        message = texts.ERR_MODEL_QUEUE_FULL.format(n=waiting)
+        return tuple(gr.validate(i != 1, message if i == 1 else "") for i in range(len(inputs)))
 
     def _view(self, session: AskSession, show_input: bool) -> tuple:
         count = imageio.n_slices(session.image, session.plane) if session.image else 1
         is_nifti = session.image is not None and session.image.kind == "nifti"
         greyscale = session.image is not None and not session.image.is_color
+        shown = exports.shown_png(session.rgb)  # a new view has no marks: the preview is the image itself
         return (
             session,
             steps.describe(session) if session.has_image else "",
@@ -70,9 +123,10 @@ class AskHandlers:
                       label=texts.SLICE_LABEL if is_nifti else texts.FRAME_LABEL),
             gr.update(value=session.plane, visible=is_nifti),
             gr.update(value=steps.window_choice(session), visible=greyscale),
-            steps.preview(session),
-            session.rgb,
-            gr.update(value=steps.model_input(session) if show_input else None, visible=bool(show_input)),
+            shown,
+            shown,
+            gr.update(value=exports.shown_png(steps.model_input(session)) if show_input else None,
+                      visible=bool(show_input)),  # fmt: skip
             [],
             None,
             "",
@@ -82,7 +136,7 @@ class AskHandlers:
         )
 
     def show_model_input(self, session: AskSession, show: bool) -> Any:
-        return gr.update(value=steps.model_input(session) if show else None, visible=bool(show))
+        return gr.update(value=exports.shown_png(steps.model_input(session)) if show else None, visible=bool(show))
 
     # ---- region marks -----------------------------------------------------------------------------
     def click(self, session: AskSession, tool: str, evt: gr.SelectData) -> tuple:
@@ -93,7 +147,7 @@ class AskHandlers:
         try:
             session = steps.click(session, tool, x, y)
         except UserInputError as err:
-            raise gr.Error(str(err)) from err
+            return refuse(str(err), 3)
         return session, steps.preview(session), steps.region_note(session, tool, None)
 
     def undo(self, session: AskSession, tool: str, sketch: dict | None) -> tuple:
@@ -127,9 +181,10 @@ class AskHandlers:
         opacity: float,
         style: str,
         color: str,
+        request: gr.Request | None = None,
     ) -> Iterator[tuple]:
         """Stream an answer: yields (session, chat, question box, overlay, area, downloads, routing plot)."""
-        yield from self._answer(session, question, tool, sketch, (opacity, style, color), force=None)
+        yield from self._answer(session, question, tool, sketch, (opacity, style, color), None, request)
 
     def segment(
         self,
@@ -140,6 +195,7 @@ class AskHandlers:
         opacity: float,
         style: str,
         color: str,
+        request: gr.Request | None = None,
     ) -> Iterator[tuple]:
         """Like ask, but the answer is forced to `<SEG>`, so a mask is always decoded.
 
@@ -148,7 +204,7 @@ class AskHandlers:
         region tool chosen it asks for the structure under the region instead (`steps.segment_request`).
         """
         question, force = steps.segment_request(session, question, tool)
-        yield from self._answer(session, question, tool, sketch, (opacity, style, color), force)
+        yield from self._answer(session, question, tool, sketch, (opacity, style, color), force, request)
 
     def _answer(
         self,
@@ -158,9 +214,13 @@ class AskHandlers:
         sketch: dict | None,
         look: tuple[float, str, str],
         force: str | None,
+        request: gr.Request | None = None,
     ) -> Iterator[tuple]:
+        """A mistake (no image, empty question, <region> without a mark...) or a model failure shows one
+        message and leaves the chat, question, overlay and downloads as they were."""
         if not session.has_image:  # before the question: "type a question" would be the wrong advice
-            raise gr.Error(texts.ERR_NO_IMAGE)
+            yield refuse(texts.ERR_NO_IMAGE, N_TALK_OUTPUTS)
+            return
         try:
             region, region_desc = steps.region_for(session, tool, sketch)
             text = steps.prepare_question(question, region is not None, self.ctx.settings.max_question_chars)
@@ -170,28 +230,29 @@ class AskHandlers:
                 session.handle, text, region=region, history=session.history, settings=settings
             )
         except (UserInputError, ValueError) as err:
-            raise gr.Error(str(err)) from err
+            yield refuse(str(err), N_TALK_OUTPUTS)
+            return
         except Exception as err:  # the UI boundary: report a model failure, keep serving
             logger.exception("encoding the image or starting the answer failed")
-            raise gr.Error(texts.ERR_MODEL.format(kind=type(err).__name__)) from err
+            yield refuse(texts.ERR_MODEL.format(kind=type(err).__name__), N_TALK_OUTPUTS)
+            return
         asked = [*render_chat(session.history, areas=session.mask_areas), _user_message(text)]
         skip = gr.skip()
         partial = ""
         yield session, [*asked, _assistant(partial)], "", skip, skip, skip, skip
-        for piece in self._pieces(stream):
-            partial += piece
-            yield session, [*asked, _assistant(partial)], skip, skip, skip, skip, skip
-        session = steps.after_answer(session, text, stream.result, region_desc, settings)
-        yield (session, render_chat(session.history, session.answer, session.mask_areas), skip,
-               *self._outputs(session, look))  # fmt: skip
-
-    @staticmethod
-    def _pieces(stream: Any) -> Iterator[str]:
         try:
-            yield from stream
+            for piece in stream:
+                partial += piece
+                yield session, [*asked, _assistant(partial)], skip, skip, skip, skip, skip
         except Exception as err:  # the UI boundary: the server must keep serving after a model failure
             logger.exception("generation failed")
-            raise gr.Error(texts.ERR_MODEL.format(kind=type(err).__name__)) from err
+            gr.Warning(html.escape(texts.ERR_MODEL.format(kind=type(err).__name__)))
+            yield session, render_chat(session.history, session.answer, session.mask_areas), text, skip, skip, skip, skip
+            return
+        session = steps.after_answer(session, text, stream.result, region_desc, settings)
+        self._account(request, session)
+        yield (session, render_chat(session.history, session.answer, session.mask_areas), skip,
+               *self._outputs(session, look))  # fmt: skip
 
     def _outputs(self, session: AskSession, look: tuple[float, str, str]) -> tuple:
         """(overlay image, area text, download files, routing figure) for the last answer."""
@@ -199,7 +260,8 @@ class AskHandlers:
         assert answer is not None and session.image is not None
         record = steps.record(session, self.ctx.engine.info, exports.utc_now())
         files = exports.write_downloads(record, answer.mask, session.image, session.plane, session.index)
-        return (steps.mask_overlay(session, *look), steps.mask_summary(session), files, self._routing(answer))
+        overlay = exports.shown_png(steps.mask_overlay(session, *look))
+        return (overlay, steps.mask_summary(session), files, self._routing(answer))
 
     def _routing(self, answer: Answer) -> Any:
         if not answer.experts or not answer.experts[0]:
@@ -213,7 +275,7 @@ class AskHandlers:
         return steps.new_conversation(session), [], None, "", None, None
 
     def restyle(self, session: AskSession, opacity: float, style: str, color: str) -> Any:
-        return steps.mask_overlay(session, opacity, style, color)
+        return exports.shown_png(steps.mask_overlay(session, opacity, style, color))
 
 
 # --------------------------------------------------------------------------------------------- chat
@@ -291,8 +353,8 @@ class AskTabInputs:
 
 def build_ask_tab(ctx: PortalContext) -> AskTabInputs:
     """Lay out the Ask tab inside the current `gr.Tab`, wire its events, return its fillable inputs."""
-    h = AskHandlers(ctx)
-    session = gr.State(AskSession())
+    h = AskHandlers(ctx, blocks=gr.context.Context.root_block)
+    session = gr.State(AskSession(), time_to_live=ctx.settings.session_ttl_s)
     with gr.Row():
         with gr.Column(scale=1):
             view = _image_controls(ctx)
@@ -427,9 +489,10 @@ def _wire_talk(
 ) -> None:
     inputs = [session, t["question"], r["tool"], r["editor"], t["opacity"], t["style"], t["color"]]
     outputs = [session, t["chat"], t["question"], t["overlay"], t["area"], t["downloads"], t["plot"]]
-    t["ask"].click(h.ask, inputs, outputs, api_name="ask", **ctx.model_queue())
-    t["question"].submit(h.ask, inputs, outputs, api_visibility="private", **ctx.model_queue())
-    t["segment"].click(h.segment, inputs, outputs, api_name="segment", **ctx.model_queue())
+    model = {**ctx.model_queue(), "validator": h.model_gate}
+    t["ask"].click(h.ask, inputs, outputs, api_name="ask", **model)
+    t["question"].submit(h.ask, inputs, outputs, api_visibility="private", **model)
+    t["segment"].click(h.segment, inputs, outputs, api_name="segment", **model)
     t["new_chat"].click(
         h.new_chat,
         session,

@@ -5,9 +5,11 @@ Uploaded file names are never written (they may name a patient).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -79,14 +81,32 @@ def write_downloads(
 
     Gradio copies the files into its own cache (swept by delete_cache); our folders older than an hour go.
     """
-    root = Path(tempfile.gettempdir()) / EXPORT_ROOT_NAME
-    root.mkdir(exist_ok=True)
+    root = private_dir(Path(tempfile.gettempdir()) / EXPORT_ROOT_NAME)
     prune_exports(root, EXPORT_MAX_AGE_S)
-    folder = Path(tempfile.mkdtemp(prefix="answer-", dir=root))
+    folder = Path(tempfile.mkdtemp(prefix="answer-", dir=root))  # 0700
     paths = [record_json(record, folder)]
     if mask is not None:
         paths = [mask_png(mask, folder), mask_nifti(mask, image, plane, index, folder), *paths]
+    for path in paths:  # private to the server's user: 0600 (Gradio's cached copy keeps the mode)
+        os.chmod(path, 0o600)
     return [str(p) for p in paths]
+
+
+def private_dir(path: Path) -> Path:
+    """Create (or tighten) a folder only the server's user may enter (0700)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write text to a new file that only the server's user can read (0600), creating it with that mode."""
+    private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its old mode through O_CREAT
+    return path
 
 
 def prune_exports(root: Path, max_age_s: float) -> None:
@@ -95,6 +115,31 @@ def prune_exports(root: Path, max_age_s: float) -> None:
     for folder in root.glob("answer-*"):
         if folder.is_dir() and folder.stat().st_mtime < cutoff:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+SHOWN_ROOT_NAME = "medplib-portal-shown"
+SHOWN_MAX_AGE_S = 300  # Gradio copies a shown file into its cache right after the event; ours can go soon
+
+
+def shown_png(rgb: np.ndarray | None) -> str | None:
+    """(H, W, 3) uint8 -> a private PNG file to return as an image output instead of the array, or None.
+
+    Gradio writes an image array it encodes itself in place to a content-hashed cache path, so the same image
+    shown to many students at once (one upload handed out to a class) was served half-written to some of them
+    ("Response content shorter than Content-Length"); a returned file is copied into the cache atomically.
+    """
+    if rgb is None:
+        return None
+    root = private_dir(Path(tempfile.gettempdir()) / SHOWN_ROOT_NAME)
+    cutoff = time.time() - SHOWN_MAX_AGE_S
+    for old in root.glob("shown-*.png"):
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+    fd, name = tempfile.mkstemp(prefix="shown-", suffix=".png", dir=root)  # 0600
+    with os.fdopen(fd, "wb") as f:
+        Image.fromarray(np.ascontiguousarray(rgb)).save(f, format="PNG", compress_level=1)
+    return name
 
 
 def utc_now() -> str:

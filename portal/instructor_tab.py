@@ -36,6 +36,7 @@ from cases.imaging import MAX_UPLOAD_BYTES, decode_mask
 from cases.records import DIFFICULTIES
 from cases.store import MAX_USERNAME_CHARS
 from portal import texts
+from portal.exports import write_private
 from portal.instructor_auth import LOGIN_JS, LOGOUT_JS, InstructorGate
 from portal.library_tab import NO_STORE, temp_file
 from portal.quiz_tab import BRUSH_COLOR, drawn_mask
@@ -68,22 +69,22 @@ def read_upload(
 ) -> LoadedUpload:
     """Read an uploaded PNG/JPEG/DICOM/NIfTI file into stored-safe pixels (see module docstring).
 
-    Raises only the case library's own errors (InvalidCaseData), whatever the file holds.
+    Raises InvalidCaseData, and only that, for any file that cannot be read (never a decoder's exception);
+    messages never name the file.
     """
-    try:
-        return _read_upload(Path(path), plane, index, preset)
-    except CaseStoreError:
-        raise
-    except UNTRUSTED_INPUT_ERRORS as error:
-        raise InvalidCaseData(f"this file cannot be read as an image ({type(error).__name__})") from None
-
-
-def _read_upload(path: Path, plane: str, index: int, preset: str | None) -> LoadedUpload:
+    path = Path(path)
+    if path.stat().st_size > MAX_UPLOAD_BYTES:
+        raise InvalidCaseData(f"The file is over {MAX_UPLOAD_BYTES // 2**20} MiB; upload one slice or a smaller file")
     data = path.read_bytes()
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise InvalidCaseData(
-            f"{path.name} is over {MAX_UPLOAD_BYTES // 2**20} MiB; upload one slice or a smaller file"
-        )
+    try:
+        return _read_upload_bytes(path, data, plane, index, preset)
+    except InvalidCaseData:
+        raise
+    except Exception as error:  # the reader boundary: decoders raise many types for damaged files
+        raise InvalidCaseData(f"The file is damaged or not a supported image ({type(error).__name__}).") from error
+
+
+def _read_upload_bytes(path: Path, data: bytes, plane: str, index: int, preset: str | None) -> LoadedUpload:
     if data[128:132] == b"DICM":
         return _read_dicom(data, plane, index, preset)
     if path.name.lower().endswith(NIFTI_SUFFIXES):
@@ -314,8 +315,7 @@ class InstructorHandlers:
     def export_csv(self, session: InstructorSession | None) -> str:
         text = self._call(self.store.attempts_csv, session)
         path = temp_file(EXPORT_DIR, f"quiz_results_{secrets.token_hex(4)}.csv")
-        path.write_text(text, encoding="utf-8")
-        return str(path)
+        return str(write_private(path, text))  # 0600: the results name students
 
     @staticmethod
     def _reference_mask(editor: dict | None, mask_file: str | None, size: tuple[int, int]) -> np.ndarray:

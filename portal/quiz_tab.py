@@ -44,6 +44,9 @@ BRUSH_COLOR = "#E69F00"  # the student's colour, also while drawing
 NO_MODEL_OUTPUT = "No cached model answer for this question yet (`python -m cases precompute`)."
 MODEL_PENDING = "**Model answer:** *the model is answering this question now…*"
 MODEL_FAILED = "**Model answer:** the model could not answer this question ({kind}); the rest is unaffected."
+SESSION_ATTEMPTS_PER_MINUTE = 6  # submits per browser session per minute (the store also limits per student)
+MAX_ANSWER_CHARS = 1000  # the open answer box (the store refuses longer answers too)
+TOO_FAST = "That was quick: wait a moment before submitting again (at most {n} answers a minute)."
 PSEUDONYM_HELP = (
     "Course pseudonym (optional; never your real name). Empty = an anonymous id kept by this browser."
 )
@@ -60,6 +63,7 @@ class QuizState:
     drawn: np.ndarray | None = field(default=None, compare=False)
     attempt: Any = field(default=None, compare=False)  # the scored AttemptRecord, for the reveal text
     progress: tuple[tuple[str, float | None, bool | None], ...] = ()  # (label, dice, correct)
+    recent_submits: tuple[float, ...] = ()  # time.monotonic() of this session's submits in the last minute
 
 
 def student_id(pseudonym: str, browser_id: str | None) -> tuple[str, str]:
@@ -165,6 +169,10 @@ class QuizHandlers:
             raise gr.Error("Press Start to get a case first.")
         if state.submitted:
             raise gr.Error("Already submitted: pick another question or press Start for a new case.")
+        now = time.monotonic()
+        recent = tuple(t for t in state.recent_submits if now - t < 60.0)
+        if len(recent) >= SESSION_ATTEMPTS_PER_MINUTE:
+            raise gr.Error(TOO_FAST.format(n=SESSION_ATTEMPTS_PER_MINUTE))
         case = self._case(state.case_id)
         question = case.question(state.question_id)
         answer = (choice or "") if question.kind == "closed" else (text or "")
@@ -187,6 +195,7 @@ class QuizHandlers:
             drawn=mask,
             attempt=attempt,
             progress=(*state.progress, (label, attempt.dice, attempt.correct)),
+            recent_submits=(*recent, now),
         )
         shown = list(LAYERS)
         return (new, remembered, self._result_markdown(question, attempt), self._compare(case, question, mask, shown),
@@ -322,7 +331,7 @@ def build_quiz_tab(ctx: Any) -> None:
                 format="png", height=420,
             )  # fmt: skip
             closed = gr.Radio([], label="Your answer", visible=False, elem_id="quiz-choice")
-            opened = gr.Textbox(label="Your answer", visible=False, elem_id="quiz-text")
+            opened = gr.Textbox(label="Your answer", visible=False, elem_id="quiz-text", max_length=MAX_ANSWER_CHARS)
             submit = gr.Button("Submit and reveal", variant="primary", elem_id="quiz-submit")
         with gr.Column():
             result = gr.Markdown(elem_id="quiz-result")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 # ----------------------------------------------------------------------------------------------- limits
 MAX_FILE_SIZE = "100mb"  # gradio launch(max_file_size=...): uploads above this get HTTP 413
-QUEUE_MAX_SIZE = 20  # users waiting for the model beyond this get "queue is full"
+QUEUE_MAX_SIZE = None  # the global queue is unbounded: cheap events (upload, slider, undo) are never refused
+MODEL_QUEUE_MAX_SIZE = 80  # questions waiting for the model beyond this are refused (validator, before queueing)
 MODEL_CONCURRENCY_ID = "model"  # every event that runs the model shares this queue
 MODEL_CONCURRENCY_LIMIT = 1  # one generation at a time on one device
 UI_CONCURRENCY_LIMIT = 4  # other events (reading uploads, redrawing overlays), per event
-DELETE_CACHE = (3600, 3600)  # gradio cache sweep: every hour, files older than an hour
+DELETE_CACHE = (600, 900)  # gradio cache sweep: every 10 min, files older than 15 min (uploads go at once)
+SESSION_TTL_S = 1800  # an Ask session idle this long is dropped (gr.State time_to_live)
+SESSION_MEMORY_BUDGET_MB = 2048  # all Ask sessions together; the least recently used give way beyond it
 MAX_QUESTION_CHARS = 2000
 MAX_NEW_TOKENS = 256  # answers in the portal; the engine's own cap is higher
 REGION_TOKEN = "<region>"
@@ -93,7 +96,10 @@ ROUTING_EXPLANATION = (
 EXAMPLES_LABEL = "Examples (bundled, de-identified public images)"
 
 # ---------------------------------------------------------------------------------------------- errors
-ERR_NO_IMAGE = "Upload an image first (or pick an example)."
+ERR_NO_IMAGE = (
+    "Upload an image first (or pick an example). An image left idle for a long time is released: upload it again."
+)
+ERR_MODEL_QUEUE_FULL = "The model is busy: {n} questions are waiting. Please ask again in a minute."
 ERR_EMPTY_QUESTION = "Type a question first, or click one of the task chips."
 ERR_LONG_QUESTION = "The question is too long ({n} characters); keep it under {limit}."
 ERR_OUTSIDE = "The click at ({x}, {y}) is outside the {w}×{h} image. Click on the image itself."

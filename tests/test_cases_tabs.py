@@ -195,3 +195,37 @@ def test_oversized_upload_is_refused(tmp_path: Path) -> None:
     (tmp_path / "bomb.png").write_bytes(bomb.getvalue())
     with pytest.raises(Exception, match="limit is 4096"):
         read_upload(tmp_path / "bomb.png")
+
+
+def test_stored_answers_are_bounded_and_attempts_rate_limited(store: CaseStore) -> None:
+    """Bugs: a 10 MB quiz answer was accepted, and one client stored 100 attempts in 30 s."""
+    from cases.errors import InvalidCaseData
+    from cases.store import MAX_ANSWER_CHARS, MAX_ATTEMPTS_PER_STUDENT_MINUTE
+
+    question = next(q for q in store.get_case("alpha").questions if q.kind == "closed")
+    with pytest.raises(InvalidCaseData, match="at most"):
+        store.record_attempt(question.id, "student-1", "x" * (MAX_ANSWER_CHARS + 1))
+    with pytest.raises(InvalidCaseData, match="1-80"):
+        store.record_attempt(question.id, "p" * 81, "yes")
+    for _ in range(MAX_ATTEMPTS_PER_STUDENT_MINUTE):
+        store.record_attempt(question.id, "student-1", "yes")
+    with pytest.raises(InvalidCaseData, match="too many answers"):
+        store.record_attempt(question.id, "student-1", "yes")
+    store.record_attempt(question.id, "student-2", "yes")  # another student is not held back
+    assert len(store.student_attempts("student-1")) == MAX_ATTEMPTS_PER_STUDENT_MINUTE
+
+
+def test_quiz_session_submits_are_rate_limited(store: CaseStore) -> None:
+    """Bug: one browser session could submit as fast as a script can (one client stored 100 attempts in 30 s)."""
+    from portal.quiz_tab import SESSION_ATTEMPTS_PER_MINUTE
+
+    h = QuizHandlers(store)
+    alpha = store.get_case("alpha")
+    closed = next(q for q in alpha.questions if q.kind == "closed")
+    state = h.start(alpha.id, QuizState())[0]
+    for i in range(SESSION_ATTEMPTS_PER_MINUTE):
+        state = h.choose_question(closed.id, state)[0]
+        state = h.submit("yes", "", None, f"p-{i}", "anon-1", state)[0]
+    state = h.choose_question(closed.id, state)[0]
+    with pytest.raises(gr.Error, match="wait a moment"):
+        h.submit("yes", "", None, "p-x", "anon-1", state)

@@ -76,7 +76,7 @@ def test_16bit_png_is_contrast_stretched(tmp_path):
     values = np.tile(np.linspace(1000, 3000, 50, dtype=np.uint16)[None, :], (10, 1))
     Image.fromarray(values).save(tmp_path / "deep.png")
     image = read_image(tmp_path / "deep.png")
-    assert image.volume.dtype == np.float32 and not image.is_color
+    assert image.volume.dtype == np.uint16 and not image.is_color  # kept in its narrowest dtype
     out = to_rgb(image)
     assert out[0, 0, 0] == 0 and out[0, -1, 0] == 255
 
@@ -127,29 +127,29 @@ def test_ct_is_in_hounsfield_units_with_spacing():
     image = read_image(_dicom("CT_small.dcm"))
     raw = pydicom.dcmread(_dicom("CT_small.dcm")).pixel_array
     assert image.kind == "dicom" and image.modality == "CT" and image.is_ct
-    np.testing.assert_allclose(image.volume[0], raw.astype(np.float32) - 1024)  # slope 1, intercept -1024
+    np.testing.assert_allclose(get_frame(image, 0), raw.astype(np.float32) - 1024)  # slope 1, intercept -1024
     assert image.spacing_mm == pytest.approx((0.661468, 0.661468))
 
 
 def test_ct_default_display_uses_soft_tissue_window():
     image = read_image(_dicom("CT_small.dcm"))
     soft = WINDOW_PRESETS["soft tissue"]
-    np.testing.assert_array_equal(to_rgb(image)[..., 0], window(image.volume[0], soft.center, soft.width))
+    np.testing.assert_array_equal(to_rgb(image)[..., 0], window(get_frame(image, 0), soft.center, soft.width))
     assert not np.array_equal(to_rgb(image, preset="bone"), to_rgb(image, preset="lung"))
 
 
 def test_mr_uses_auto_contrast():
     image = read_image(_dicom("MR_small.dcm"))
     assert image.modality == "MR"
-    np.testing.assert_array_equal(to_rgb(image)[..., 0], auto_contrast(image.volume[0]))
+    np.testing.assert_array_equal(to_rgb(image)[..., 0], auto_contrast(get_frame(image, 0)))
 
 
 def test_monochrome1_is_inverted(tmp_path):
     ds = pydicom.dcmread(_dicom("MR_small.dcm"))
     ds.PhotometricInterpretation = "MONOCHROME1"
     ds.save_as(tmp_path / "m1.dcm")
-    normal = read_image(_dicom("MR_small.dcm")).volume[0]
-    inverted = read_image(tmp_path / "m1.dcm").volume[0]
+    normal = get_frame(read_image(_dicom("MR_small.dcm")), 0)
+    inverted = get_frame(read_image(tmp_path / "m1.dcm"), 0)
     np.testing.assert_allclose(inverted, normal.max() + normal.min() - normal)
 
 
@@ -274,3 +274,88 @@ def test_imageio_does_not_import_gradio():
     root = Path(imageio.__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
     assert out.stdout.split() == ["False"]
+
+
+# ------------------------------------------------------------------------------- bounded, clean readers
+
+
+def test_reading_changes_no_process_wide_state(tmp_path):
+    """Bug: the photo reader set Pillow's global MAX_IMAGE_PIXELS and the warning filters (not thread-safe;
+    it broke the sketch editor's layers)."""
+    import warnings
+
+    limit, filters = Image.MAX_IMAGE_PIXELS, list(warnings.filters)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    read_image(tmp_path / "a.png")
+    with pytest.raises(ImageReadError):
+        read_image(_png_header_claiming(tmp_path, 9000, 9000))
+    assert limit == Image.MAX_IMAGE_PIXELS and warnings.filters == filters
+
+
+def _nifti_header_only(path: Path, shape: tuple[int, ...], dtype=np.int16) -> Path:
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    with open(path, "wb") as f:
+        header.write_to(f)
+        f.write(b"\0" * 4 + b"\0" * 64)
+    return path
+
+
+@pytest.mark.parametrize("shape", [(8000, 6000, 2), (8000, 2, 6000), (2, 8000, 6000)])
+def test_nifti_slices_over_the_pixel_limit_are_refused_in_every_plane(tmp_path, shape):
+    """Bug: a NIfTI whose slices exceeded the 40 Mpx photo limit got through; every question then failed."""
+    with pytest.raises(ImageReadError, match="Mpx"):
+        read_image(_nifti_header_only(tmp_path / "wide.nii", shape))
+
+
+def test_ct_sized_nifti_is_memory_mapped_in_its_stored_dtype(tmp_path):
+    """Bug: a 512x512x500 CT kept ~490 MB of float32 per session; now int16 on disk, one slice decoded."""
+    data = np.full((512, 512, 500), -1000, np.int16)
+    data[200:300, 200:300, 240:260] = 40
+    nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.7, 1.0, 1.0])), tmp_path / "ct.nii.gz")
+    image = read_image(tmp_path / "ct.nii.gz", spill_dir=tmp_path)
+    assert image.volume.dtype == np.int16 and image.volume.shape == (512, 512, 500)
+    assert image.nbytes_in_memory == 0
+    assert list(tmp_path.glob("medplib-volume-*")) == []  # the spilled file is unlinked at once
+    middle = get_frame(image, 250)
+    assert middle.dtype == np.float32 and middle.max() == 40 and middle.min() == -1000
+
+
+def test_nifti_scaling_is_applied_per_slice(tmp_path):
+    data = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3)
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_slope_inter(2.0, -10.0)
+    nib.save(img, tmp_path / "scaled.nii")
+    image = read_image(tmp_path / "scaled.nii")
+    expected = nib.load(tmp_path / "scaled.nii").get_fdata()[::-1, ::-1, 1].T
+    np.testing.assert_allclose(slice_nifti(image, "axial", 1), expected)
+
+
+def test_deflated_dicom_is_inflated_within_a_budget(monkeypatch):
+    """Bug: a deflated DICOM was inflated whole by pydicom (over 1 GB peak for a deflate bomb)."""
+    assert read_image(_dicom("image_dfl.dcm")).kind == "dicom"
+    monkeypatch.setattr(imageio, "MAX_DECODED_BYTES", 1000)
+    with pytest.raises(ImageReadError, match="inflates to over"):
+        read_image(_dicom("image_dfl.dcm"))
+
+
+def test_messages_and_logs_never_name_the_file(tmp_path, caplog):
+    """Bug: the uploaded file name (which may name a patient) was written to the log and to messages."""
+    caplog.set_level("DEBUG")
+    good = tmp_path / "Doe_Jane_1970.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
+    read_image(good)
+    bad = tmp_path / "Doe_Jane_1970.dcm"
+    bad.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI" + b"\xff" * 40)
+    with pytest.raises(ImageReadError) as info:
+        read_image(bad)
+    assert "Doe_Jane" not in str(info.value) and "Doe_Jane" not in caplog.text
+
+
+@pytest.mark.parametrize("value", [0.0, 3e30, -3e38])
+def test_flat_frames_far_from_zero_get_a_valid_auto_contrast(value):
+    """Bug (found by benchmarks.fuzz_readers): a NIfTI slice of huge equal values made auto contrast ask for a
+    window of width 0 (low + 1 == low in float32) and the Ask path raised a foreign ValueError."""
+    out = auto_contrast(np.full((4, 5), value, np.float32))
+    assert out.shape == (4, 5) and out.dtype == np.uint8

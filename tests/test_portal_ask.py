@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,6 +46,29 @@ def _click(x: int, y: int) -> gr.SelectData:
     return gr.SelectData(None, {"index": [x, y], "value": None, "selected": True})
 
 
+@contextmanager
+def refused(match: str):
+    """A user mistake: one warning (the toast) with this message, and no exception."""
+    with pytest.warns(UserWarning, match=match):
+        yield
+
+
+def _pixels(shown: str) -> np.ndarray:
+    """The image behind an image output (the Ask tab returns private PNG files, see exports.shown_png)."""
+    return np.asarray(Image.open(shown).convert("RGB"))
+
+
+def _all_skipped(outputs: tuple) -> None:
+    assert all(value == gr.skip() for value in outputs), "a refused request must leave every output unchanged"
+
+
+def _only(generator) -> None:
+    """A refused question yields once: every output (chat, question, overlay, downloads...) unchanged."""
+    outputs = list(generator)
+    assert len(outputs) == 1
+    _all_skipped(outputs[0])
+
+
 def _final(generator) -> tuple:
     outputs = list(generator)
     assert len(outputs) >= 2, "the answer should stream: a first yield before the last"
@@ -64,7 +88,7 @@ def test_ct_upload_shows_soft_tissue_window_and_spacing(handlers):
     assert "CT" in out[INFO] and "0.661" in out[INFO]
     assert out[WINDOW]["value"] == "soft tissue" and out[WINDOW]["visible"]
     assert out[POSITION]["visible"] is False and out[PLANE]["visible"] is False
-    assert out[PREVIEW].shape == (128, 128, 3) and out[EDITOR].shape == (128, 128, 3)
+    assert _pixels(out[PREVIEW]).shape == (128, 128, 3) and _pixels(out[EDITOR]).shape == (128, 128, 3)
 
 
 def test_window_preset_changes_the_model_image(handlers, ct):
@@ -81,7 +105,7 @@ def test_multiframe_dicom_gets_a_frame_slider(handlers):
     assert out[WINDOW]["visible"] is False  # colour: no window
     later = handlers.change_view(out[SESSION], 1, "axial", imageio.AUTO, False)
     assert later[SESSION].index == 0 and "frame 1/30" in later[INFO]
-    assert not np.array_equal(later[PREVIEW], out[PREVIEW])
+    assert not np.array_equal(_pixels(later[PREVIEW]), _pixels(out[PREVIEW]))
 
 
 def test_nifti_upload_has_planes_and_slices(handlers):
@@ -94,7 +118,7 @@ def test_nifti_upload_has_planes_and_slices(handlers):
 
 def test_model_input_toggle_shows_the_padded_clip_image(handlers, tmp_path):
     out = handlers.load(str(write_png(tmp_path / "wide.png", 90, 180)), True)
-    view = out[MODEL_INPUT]["value"]
+    view = _pixels(out[MODEL_INPUT]["value"])
     assert out[MODEL_INPUT]["visible"] and view.shape == (336, 336, 3)
     assert tuple(view[0, 0]) == (122, 116, 104)  # CLIP mean-colour padding above a wide image
     assert handlers.show_model_input(out[SESSION], False)["visible"] is False
@@ -110,8 +134,8 @@ def test_model_input_toggle_shows_the_padded_clip_image(handlers, tmp_path):
 def test_bad_uploads_raise_clear_errors(handlers, tmp_path, content, message):
     path = tmp_path / "upload.png"
     path.write_bytes(content)
-    with pytest.raises(gr.Error, match=message):
-        handlers.load(str(path), False)
+    with refused(message):
+        _all_skipped(handlers.load(str(path), False))
 
 
 def test_decompression_bomb_upload_is_refused(handlers, tmp_path):
@@ -120,8 +144,8 @@ def test_decompression_bomb_upload_is_refused(handlers, tmp_path):
     data[16:24] = (20000).to_bytes(4, "big") * 2  # IHDR width/height now claim 20000×20000
     data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
     (tmp_path / "bomb.png").write_bytes(bytes(data))
-    with pytest.raises(gr.Error, match="too large"):
-        handlers.load(str(tmp_path / "bomb.png"), False)
+    with refused("too large"):
+        _all_skipped(handlers.load(str(tmp_path / "bomb.png"), False))
 
 
 def test_clearing_the_upload_resets_the_tab(handlers):
@@ -139,8 +163,8 @@ def test_point_click_marks_the_preview(handlers, ct):
 
 
 def test_click_outside_the_image_is_an_error(handlers, ct):
-    with pytest.raises(gr.Error, match="outside"):
-        handlers.click(ct, "Point", _click(500, 10))
+    with refused("outside"):
+        _all_skipped(handlers.click(ct, "Point", _click(500, 10)))
 
 
 def test_click_without_a_tool_changes_nothing(handlers, ct):
@@ -151,8 +175,8 @@ def test_click_without_a_tool_changes_nothing(handlers, ct):
 def test_box_needs_two_clicks_and_undo_works(handlers, ct):
     half, _, note = handlers.click(ct, "Box", _click(20, 30))
     assert half.marks.pending == (20, 30) and "opposite corner" in note
-    with pytest.raises(gr.Error, match="one corner"):
-        _final(handlers.ask(half, "What is this?", "Box", None, *LOOK))
+    with refused("one corner"):
+        _only(handlers.ask(half, "What is this?", "Box", None, *LOOK))
     box, _, _ = handlers.click(half, "Box", _click(80, 10))
     assert box.marks.active.xyxy == (20, 10, 80, 30)
     undone, _, _ = handlers.undo(box, "Box", None)
@@ -162,15 +186,15 @@ def test_box_needs_two_clicks_and_undo_works(handlers, ct):
 
 
 def test_region_tool_without_mark_is_an_error(handlers, ct):
-    with pytest.raises(gr.Error, match="nothing is marked"):
-        _final(handlers.ask(ct, "What is this?", "Point", None, *LOOK))
+    with refused("nothing is marked"):
+        _only(handlers.ask(ct, "What is this?", "Point", None, *LOOK))
 
 
 def test_empty_sketch_is_an_error(handlers, ct):
     empty = {"background": ct.rgb, "layers": [np.zeros((128, 128, 4), np.uint8)], "composite": ct.rgb}
     for value in (None, empty):
-        with pytest.raises(gr.Error, match="sketch is empty"):
-            _final(handlers.ask(ct, "What is in the marked region?", "Sketch", value, *LOOK))
+        with refused("sketch is empty"):
+            _only(handlers.ask(ct, "What is in the marked region?", "Sketch", value, *LOOK))
 
 
 def test_sketch_region_is_sent_with_the_question(handlers, ct):
@@ -227,23 +251,23 @@ def test_region_note_with_tool_none_says_nothing_is_sent(handlers, ct):
 
 @pytest.mark.parametrize("question", ["", "   ", "<region>"])
 def test_empty_question_is_an_error(handlers, ct, question):
-    with pytest.raises(gr.Error, match="Type a question"):
-        _final(handlers.ask(ct, question, "None", None, *LOOK))
+    with refused("Type a question"):
+        _only(handlers.ask(ct, question, "None", None, *LOOK))
 
 
 def test_region_tag_without_a_region_is_an_error(handlers, ct):
-    with pytest.raises(gr.Error, match="no region is marked"):
-        _final(handlers.ask(ct, "What is <region>?", "None", None, *LOOK))
+    with refused("no region is marked"):
+        _only(handlers.ask(ct, "What is <region>?", "None", None, *LOOK))
 
 
 def test_too_long_question_is_an_error(handlers, ct):
-    with pytest.raises(gr.Error, match="too long"):
-        _final(handlers.ask(ct, "x" * 5000, "None", None, *LOOK))
+    with refused("too long"):
+        _only(handlers.ask(ct, "x" * 5000, "None", None, *LOOK))
 
 
 def test_no_image_is_an_error(handlers):
-    with pytest.raises(gr.Error, match="Upload an image"):
-        _final(handlers.ask(steps.AskSession(), "Describe the image.", "None", None, *LOOK))
+    with refused("Upload an image"):
+        _only(handlers.ask(steps.AskSession(), "Describe the image.", "None", None, *LOOK))
 
 
 def test_ask_streams_and_marks_the_region(handlers, ct):
@@ -270,7 +294,8 @@ def test_segment_gives_overlay_area_downloads_and_routing(handlers, ct, engine):
     session = final[0]
     mask = session.answer.mask
     assert mask is not None and mask.shape == (128, 128)
-    assert final[OVERLAY].shape == (128, 128, 3) and not np.array_equal(final[OVERLAY], ct.rgb)
+    overlay = _pixels(final[OVERLAY])
+    assert overlay.shape == (128, 128, 3) and not np.array_equal(overlay, ct.rgb)
     assert f"{int(mask.sum()):,} pixels" in final[AREA] and "mm²" in final[AREA]
     names = sorted(Path(p).name for p in final[FILES])
     assert names == ["mask.nii.gz", "mask.png", "record.json"]
@@ -304,9 +329,9 @@ def test_nifti_mask_download_goes_back_into_the_volume(handlers):
 
 def test_restyle_and_new_conversation(handlers, ct):
     session = _final(handlers.segment(ct, "Segment the body.", "None", None, *LOOK))[0]
-    fill = handlers.restyle(session, 0.5, "fill", "orange")
-    outline = handlers.restyle(session, 0.5, "outline", "orange")
-    blue = handlers.restyle(session, 0.5, "fill", "sky blue")
+    fill = _pixels(handlers.restyle(session, 0.5, "fill", "orange"))
+    outline = _pixels(handlers.restyle(session, 0.5, "outline", "orange"))
+    blue = _pixels(handlers.restyle(session, 0.5, "fill", "sky blue"))
     assert not np.array_equal(fill, outline) and not np.array_equal(fill, blue)
     fresh = handlers.new_chat(session)
     assert fresh[0].history == () and fresh[0].answer is None and fresh[1] == [] and fresh[2] is None
@@ -336,8 +361,8 @@ def test_segment_with_an_empty_box_asks_the_last_question_for_a_mask(handlers, c
     assert [q for q, _ in session.history] == ["What does this image show?"] * 2
     assert session.answer.mask is not None and session.last_settings.force_answer == texts.SEG_FORCE_ANSWER
     fresh = handlers.new_chat(session)[0]
-    with pytest.raises(gr.Error, match="Type a question"):
-        _final(handlers.segment(fresh, "", "None", None, *LOOK))
+    with refused("Type a question"):
+        _only(handlers.segment(fresh, "", "None", None, *LOOK))
 
 
 def test_segment_with_a_region_and_an_empty_box_asks_for_the_structure_in_the_region(handlers, ct):
@@ -374,3 +399,36 @@ def test_a_mask_only_answer_says_so_in_the_chat(handlers, ct):
     assert answer.text.strip() == "" and answer.has_mask  # the forced answer is just <SEG>
     assert final[CHAT][-1]["content"] == texts.CHAT_MASK_ONLY.format(pixels=answer.mask_area)
     assert "overlay" in final[CHAT][-1]["content"] and "no text" not in final[CHAT][-1]["content"]
+
+
+def test_a_mistake_quotes_region_as_text_and_logs_one_line(handlers, ct, caplog):
+    """Bugs: a message quoting `<region>` was cut at that word (rendered as HTML), and every user mistake
+    wrote a full traceback to the server log."""
+    caplog.set_level("INFO")
+    with pytest.warns(UserWarning) as record:
+        _only(handlers.ask(ct, "What is <region>?", "None", None, *LOOK))
+    assert "&lt;region&gt;" in str(record[0].message)
+    mine = [r for r in caplog.records if r.name.startswith("portal")]
+    assert len(mine) == 1 and mine[0].exc_info is None and "\n" not in mine[0].getMessage()
+
+
+def test_model_gate_refuses_only_when_the_model_queue_is_full(engine, monkeypatch):
+    """Bug: the queue limit was global, so uploads got "Queue is full" along with questions."""
+    from portal import ask_tab
+
+    h = AskHandlers(portal_context(engine))
+    monkeypatch.setattr(ask_tab, "model_queue_length", lambda _blocks: texts.MODEL_QUEUE_MAX_SIZE - 1)
+    inputs = (None, "Describe the image.", "None", None, *LOOK)
+    assert all(v["is_valid"] for v in h.model_gate(*inputs))
+    monkeypatch.setattr(ask_tab, "model_queue_length", lambda _blocks: texts.MODEL_QUEUE_MAX_SIZE)
+    verdicts = h.model_gate(*inputs)
+    assert len(verdicts) == len(inputs) and verdicts[1]["is_valid"] is False and "busy" in verdicts[1]["message"]
+
+
+def test_image_outputs_are_private_files_not_arrays(handlers, ct):
+    """Bug: Gradio rewrote the cached PNG of an image array in place, so the same upload shown to many
+    students at once was served half-written to some ("Response content shorter than Content-Length")."""
+    out = handlers.change_view(ct, 1, "axial", "bone", False)
+    for shown in (out[PREVIEW], out[EDITOR]):
+        assert isinstance(shown, str) and (Path(shown).stat().st_mode & 0o777) == 0o600
+    np.testing.assert_array_equal(_pixels(out[EDITOR]), out[SESSION].rgb)
