@@ -364,14 +364,15 @@ def build_instructor_tab(ctx: Any) -> None:
                 gr.Button("Save as new case", variant="primary"),
                 gr.Button("Save changes to the edited case"),
             )
-    login.click(h.login, [username, password], [session, status, password, menu])
-    logout.click(h.logout, session, [session, status, menu])
-    read.click(h.read, [file, plane_in, index, preset], [upload, editor, note])
+    private = {"api_visibility": "private"}  # instructors script through `python -m cases`, not the API
+    login.click(h.login, [username, password], [session, status, password, menu], **private)
+    logout.click(h.logout, session, [session, status, menu], **private)
+    read.click(h.read, [file, plane_in, index, preset], [upload, editor, note], **private)
     common = [upload, editor, mask_file, publish, reviewed, *fields]
-    save_new.click(lambda s, *a: h.save(s, None, *a), [session, *common], [status, menu])
-    save_edit.click(h.save_changes, [session, editing, *common], [status, menu])
-    load.click(h.load, [session, menu], [upload, editor, note, editing, *fields])
-    publish_btn.click(lambda s, c: h.set_published(s, c, True), [session, menu], [status, menu])
-    unpublish_btn.click(lambda s, c: h.set_published(s, c, False), [session, menu], [status, menu])
-    delete.click(h.delete, [session, menu], [status, menu])
-    export.click(h.export_csv, session, csv_file)
+    save_new.click(lambda s, *a: h.save(s, None, *a), [session, *common], [status, menu], **private)
+    save_edit.click(h.save_changes, [session, editing, *common], [status, menu], **private)
+    load.click(h.load, [session, menu], [upload, editor, note, editing, *fields], **private)
+    publish_btn.click(lambda s, c: h.set_published(s, c, True), [session, menu], [status, menu], **private)
+    unpublish_btn.click(lambda s, c: h.set_published(s, c, False), [session, menu], [status, menu], **private)
+    delete.click(h.delete, [session, menu], [status, menu], **private)
+    export.click(h.export_csv, session, csv_file, **private)

@@ -7,6 +7,7 @@ MAX_FILE_SIZE = "100mb"  # gradio launch(max_file_size=...): uploads above this 
 QUEUE_MAX_SIZE = 20  # users waiting for the model beyond this get "queue is full"
 MODEL_CONCURRENCY_ID = "model"  # every event that runs the model shares this queue
 MODEL_CONCURRENCY_LIMIT = 1  # one generation at a time on one device
+REMOTE_MODEL_CONCURRENCY_LIMIT = 16  # with a Ray Serve engine: requests in flight to its replicas
 UI_CONCURRENCY_LIMIT = 4  # other events (reading uploads, redrawing overlays), per event
 DELETE_CACHE = (3600, 3600)  # gradio cache sweep: every hour, files older than an hour
 MAX_QUESTION_CHARS = 2000
@@ -97,6 +98,7 @@ ERR_NO_MARK = (
 )
 ERR_HALF_BOX = "The box has only one corner. Click the opposite corner, or press Undo."
 ERR_SKETCH_SIZE = "The sketch does not match the image size; clear it and draw again."
+ERR_SCRIPT_TOOL = "/mark_region takes tool 'Point' (x1, y1) or 'Box' (x1, y1, x2, y2), in image pixels."
 ERR_MODEL = "The model failed on this request ({kind}). Try again; if it keeps failing, try a smaller image."
 ERR_REGION_TAG = (
     "The question contains <region> but no region is marked. Mark a point, box or sketch, or remove <region>."

@@ -1,0 +1,85 @@
+"""Ray Serve scale-out: the RemoteEngine answers like the local Engine, routes follow-ups to the replica that
+holds the image, survives a killed replica; and a small run of `benchmarks.scale` (a private local cluster)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from portal_helpers import load_test_engine, portal_context, write_png
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+pytestmark = pytest.mark.slow
+READING_S = 0.3  # a student reads the answer; Serve learns where a new image lives within ~0.1 s
+
+
+@pytest.fixture(scope="module")
+def remote():
+    """Two CPU replicas of the test model on a private local Ray cluster, torn down afterwards."""
+    from portal_helpers import GOLDEN
+
+    from engine.serve import APP_NAME, RemoteEngine, ServeOptions, engine_app
+
+    model = str(GOLDEN) if GOLDEN.is_dir() else None
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(proxy_location="Disabled")
+        serve.run(engine_app(ServeOptions(model=model, replicas=2, torch_threads=1)), name=APP_NAME)
+        yield RemoteEngine(serve.get_app_handle(APP_NAME))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local():
+    return load_test_engine()
+
+
+def _image(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 255, (48 + seed, 64, 3), dtype=np.uint8)
+
+
+def test_remote_engine_streams_the_local_engines_answer(remote, local):
+    from engine.results import GenerationSettings
+
+    rgb = _image(1)
+    settings = GenerationSettings(max_new_tokens=6, force_answer="<SEG>")
+    expected = local.ask(local.set_image(rgb), "Please segment the bright area.", settings=settings)
+    stream = remote.stream(remote.set_image(rgb), "Please segment the bright area.", settings=settings)
+    assert "".join(stream) == expected.text == stream.result.text
+    assert np.array_equal(stream.result.mask, expected.mask) and stream.result.experts == expected.experts
+    assert remote.info.name == local.info.name and "Ray Serve" in remote.info.device
+    with pytest.raises(ValueError, match="empty"):
+        remote.stream(remote.set_image(rgb), "  ")
+
+
+def test_follow_ups_reach_the_replica_that_holds_the_image(remote):
+    from engine.results import GenerationSettings
+
+    before = remote.stats
+    settings = GenerationSettings(max_new_tokens=4)
+    for seed in range(2, 8):
+        image = remote.set_image(_image(seed))
+        history: list[tuple[str, str]] = []
+        for question in ("Describe the image.", "Is there an abnormality?", "What modality is it?"):
+            answer = remote.ask(image, question, history=tuple(history), settings=settings)
+            history.append((question, answer.text))
+            time.sleep(READING_S)
+    after = remote.stats
+    follow_ups, hits = after.follow_ups - before.follow_ups, after.hits - before.hits
+    assert follow_ups == 12 and hits >= 11
+
+
+def test_portal_ask_tab_runs_on_the_remote_engine(remote, tmp_path):
+    from portal.ask_tab import AskHandlers
+
+    handlers = AskHandlers(portal_context(remote))
+    session = handlers.load(str(write_png(tmp_path / "disc.png")), False)[0]
+    outputs = list(handlers.segment(session, "Please segment the disc.", "None", None, 0.5, "fill", "orange"))
+    session = outputs[-1][0]
+    assert session.answer is not None and session.answer.has_mask and outputs[-1][6] is not None
