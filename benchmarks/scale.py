@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.scale --replicas 2 --clients 30 [--kill-one] [--questions 4] --json
 
-Starts a private local Ray cluster (no dashboard, no HTTP proxy, ports chosen by Ray), deploys
+Starts a private local Ray cluster on 127.0.0.1 (no dashboard, no HTTP proxy, other ports chosen by Ray), deploys
 `engine.serve.engine_app` and replays the students through `engine.serve.RemoteEngine`, the client the portal
 uses: each student loads a different bundled image and asks a short conversation about it (a first question,
 a question about a boxed region, a segmentation request, a yes/no follow-up). Prints answered and failed
@@ -36,6 +36,7 @@ from engine.serve import APP_NAME, DEPLOYMENT_NAME, RemoteEngine, ServeOptions, 
 log = logging.getLogger("benchmarks.scale")
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "medimages"
+DASHBOARD_PORT = 8782  # Ray's head process binds it even without the dashboard; away from the default 8265
 KILL_AT = 0.4  # share of the expected answers after which --kill-one kills a replica
 READING_S = 0.2  # a student reads each answer before the next question (Serve learns a new image's
 # replica from the replica's report, pushed every 0.1 s: questions sent back to back within that window miss)
@@ -168,8 +169,8 @@ def run(replicas: int, clients: int, *, kill_one: bool = False, questions: int =
         model: str | None = None, reading_s: float = READING_S) -> dict:  # fmt: skip
     """The whole benchmark on a private local Ray cluster; returns the summary printed by --json."""
     students = load_students(clients)
-    ray.init(address="local", num_cpus=max(replicas, 2), include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING)  # fmt: skip
+    ray.init(address="local", num_cpus=max(replicas, 2), include_dashboard=False, dashboard_port=DASHBOARD_PORT,
+             _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)  # fmt: skip
     try:
         serve.start(proxy_location="Disabled")
         phase = {"questions": questions, "timeout_s": timeout_s, "model": model, "reading_s": reading_s}

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import ray
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from engine.results import Answer, GenerationSettings, ModelInfo
 
@@ -231,6 +231,12 @@ class _Counters:
             self.retries += 1
 
 
+def _user_error(err: RayTaskError) -> Exception:
+    """The engine's own ValueError (e.g. a region too small) without the remote traceback around it."""
+    cause = getattr(err, "cause", None)
+    return ValueError(str(cause)) if isinstance(cause, ValueError) else err
+
+
 class PieceTokenizer:
     """`decode` for the portal's routing plot, from the replica's per-token texts (single ids exact)."""
 
@@ -264,6 +270,8 @@ class RemoteAnswerStream:
                     if len(text) > len(shown):
                         yield text[len(shown) :]
                         shown = text
+            except RayTaskError as err:
+                raise _user_error(err) from None
             except _RETRYABLE:
                 if attempt == RETRIES:
                     raise
@@ -326,6 +334,8 @@ class RemoteEngine:
             try:
                 reply = routed.answer.remote(image.rgb, question, region, tuple(history), settings).result()
                 break
+            except RayTaskError as err:
+                raise _user_error(err) from None
             except _RETRYABLE:
                 if attempt == RETRIES:
                     raise

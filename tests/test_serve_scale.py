@@ -24,7 +24,8 @@ def remote():
     from engine.serve import APP_NAME, RemoteEngine, ServeOptions, engine_app
 
     model = str(GOLDEN) if GOLDEN.is_dir() else None
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, dashboard_port=8782, log_to_driver=False,
+             _node_ip_address="127.0.0.1")  # fmt: skip
     try:
         serve.start(proxy_location="Disabled")
         serve.run(engine_app(ServeOptions(model=model, replicas=2, torch_threads=1)), name=APP_NAME)
@@ -83,3 +84,17 @@ def test_portal_ask_tab_runs_on_the_remote_engine(remote, tmp_path):
     outputs = list(handlers.segment(session, "Please segment the disc.", "None", None, 0.5, "fill", "orange"))
     session = outputs[-1][0]
     assert session.answer is not None and session.answer.has_mask and outputs[-1][6] is not None
+
+
+def test_engine_errors_reach_the_portal_as_plain_messages(remote, local):
+    """A ValueError raised on a replica arrives as the local engine's ValueError, without a remote traceback."""
+    rgb = _image(9)
+    region = np.zeros(rgb.shape[:2], bool)
+    region[0, 0] = True  # one pixel: reaches no 14-px CLIP patch
+    with pytest.raises(ValueError) as expected:
+        local.ask(local.set_image(rgb), "What is here? <region>", region=region)
+    with pytest.raises(ValueError) as got:
+        remote.ask(remote.set_image(rgb), "What is here? <region>", region=region)
+    with pytest.raises(ValueError) as streamed:
+        list(remote.stream(remote.set_image(rgb), "What is here? <region>", region=region))
+    assert str(got.value) == str(streamed.value) == str(expected.value) and "Traceback" not in str(got.value)
