@@ -111,50 +111,62 @@ def run_student(engine: RemoteEngine, student: Student, questions: int, deadline
     return True
 
 
-def kill_one_replica() -> str:
-    """Kill one replica actor of the deployment (Serve will start a replacement)."""
-    prefix = f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}"
+def app_name(replicas: int) -> str:
+    return f"{APP_NAME}-scale-{replicas}"
+
+
+def kill_one_replica(app: str) -> str:
+    """Kill one replica actor of `app` (Serve will start a replacement)."""
+    prefix = f"SERVE_REPLICA::{app}#{DEPLOYMENT_NAME}"
     names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
     if not names:
-        raise RuntimeError(f"no replica of {APP_NAME}/{DEPLOYMENT_NAME} to kill")
+        raise RuntimeError(f"no replica of {app}/{DEPLOYMENT_NAME} to kill")
     victim = sorted(names, key=lambda a: a["name"])[0]
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
     return victim["name"]
 
 
-def run_phase(replicas: int, students: list[Student], *, questions: int, kill_one: bool, timeout_s: float,
-              model: str | None, reading_s: float) -> PhaseResult:  # fmt: skip
-    """Deploy `replicas` CPU replicas, replay the students, tear the application down."""
-    serve.run(engine_app(ServeOptions(model=model, replicas=replicas, torch_threads=1, graceful_shutdown_s=1.0)), name=APP_NAME)
-    try:
-        engine = RemoteEngine(serve.get_app_handle(APP_NAME))
-        done = [0]
-        lock, killed = threading.Lock(), threading.Event()
-        kill_after = int(KILL_AT * len(students) * questions)
+@dataclass(frozen=True)
+class Load:
+    """What every phase replays."""
 
-        def on_answer() -> None:
-            with lock:
-                done[0] += 1
-                should_kill = kill_one and not killed.is_set() and done[0] >= kill_after
-                if should_kill:
-                    killed.set()
+    questions: int
+    timeout_s: float
+    reading_s: float
+
+
+def run_phase(replicas: int, students: list[Student], load: Load, *, kill_one: bool = False) -> PhaseResult:
+    """Replay the students against the deployed application with `replicas` replicas."""
+    app = app_name(replicas)
+    engine = RemoteEngine(serve.get_app_handle(app))
+    done = [0]
+    lock, killed = threading.Lock(), threading.Event()
+    kill_after = int(KILL_AT * len(students) * load.questions)
+
+    def on_answer() -> None:
+        with lock:
+            done[0] += 1
+            should_kill = kill_one and not killed.is_set() and done[0] >= kill_after
             if should_kill:
-                log.info("killed %s after %d answers", kill_one_replica(), done[0])
+                killed.set()
+        if should_kill:
+            log.info("killed %s after %d answers", kill_one_replica(app), done[0])
 
-        deadline = time.monotonic() + timeout_s
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=len(students)) as pool:
-            futures = [pool.submit(run_student, engine, s, questions, deadline, on_answer, reading_s) for s in students]
-            outcomes = [_outcome(f) for f in futures]
-        seconds = time.perf_counter() - t0
-        stats = engine.stats
-        answered = sum(outcomes)
-        return PhaseResult(replicas=replicas, students=len(students), answered=answered,
-                           failed=len(students) - answered, answers=stats.answers, seconds=round(seconds, 2),
-                           answers_per_s=round(stats.answers / seconds, 2), cache_hit_rate=round(stats.hit_rate, 3),
-                           follow_ups=stats.follow_ups, retries=stats.retries, killed_replica=killed.is_set())  # fmt: skip
-    finally:
-        serve.delete(APP_NAME)
+    deadline = time.monotonic() + load.timeout_s
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(students)) as pool:
+        futures = [
+            pool.submit(run_student, engine, s, load.questions, deadline, on_answer, load.reading_s)
+            for s in students
+        ]
+        outcomes = [_outcome(f) for f in futures]
+    seconds = time.perf_counter() - t0
+    stats = engine.stats
+    answered = sum(outcomes)
+    return PhaseResult(replicas=replicas, students=len(students), answered=answered,
+                       failed=len(students) - answered, answers=stats.answers, seconds=round(seconds, 2),
+                       answers_per_s=round(stats.answers / seconds, 2), cache_hit_rate=round(stats.hit_rate, 3),
+                       follow_ups=stats.follow_ups, retries=stats.retries, killed_replica=killed.is_set())  # fmt: skip
 
 
 def _outcome(future) -> bool:
@@ -165,49 +177,75 @@ def _outcome(future) -> bool:
         return False
 
 
+def deploy(counts: set[int], model: str | None) -> None:
+    """One application per replica count, all deployed up front (idle replicas use no CPU), so the phases
+    alternate without redeploying."""
+    for replicas in sorted(counts):
+        options = ServeOptions(model=model, replicas=replicas, torch_threads=1, graceful_shutdown_s=1.0)
+        serve.run(engine_app(options), name=app_name(replicas), route_prefix=None)
+
+
 def run(replicas: int, clients: int, *, kill_one: bool = False, questions: int = 4, timeout_s: float = 300.0,
-        model: str | None = None, reading_s: float = READING_S) -> dict:  # fmt: skip
-    """The whole benchmark on a private local Ray cluster; returns the summary printed by --json."""
-    students = load_students(clients)
-    ray.init(address="local", num_cpus=max(replicas, 2), include_dashboard=False, dashboard_port=DASHBOARD_PORT,
+        model: str | None = None, reading_s: float = READING_S, repeats: int = 2) -> dict:  # fmt: skip
+    """The whole benchmark on a private local Ray cluster; returns the summary printed by --json.
+
+    1 and 2 replicas are measured `repeats` times, alternating (the machine's other load changes over time),
+    each phase with new images (so no phase starts with a warm cache); then, with --kill-one or more than
+    2 replicas, the main phase.
+    """
+    load = Load(questions=questions, timeout_s=timeout_s, reading_s=reading_s)
+    counts = {1, 2, replicas}
+    pool = load_students(clients * (2 * repeats + 1))
+    batches = iter([pool[i : i + clients] for i in range(0, len(pool), clients)])
+    ray.init(address="local", num_cpus=sum(counts), include_dashboard=False, dashboard_port=DASHBOARD_PORT,
              _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)  # fmt: skip
     try:
         serve.start(proxy_location="Disabled")
-        phase = {"questions": questions, "timeout_s": timeout_s, "model": model, "reading_s": reading_s}
-        one = run_phase(1, students, kill_one=False, **phase)
-        two = run_phase(2, students, kill_one=False, **phase) if replicas != 1 else None
-        main = (
-            run_phase(replicas, students, kill_one=kill_one, **phase)
-            if kill_one or replicas > 2
-            else (two or one)
-        )
+        deploy(counts, model)
+        ones, twos = [], []
+        for _ in range(repeats):
+            ones.append(run_phase(1, next(batches), load))
+            twos.append(run_phase(2, next(batches), load))
+        main = run_phase(replicas, next(batches), load, kill_one=kill_one) if kill_one or replicas > 2 else None
     finally:
         serve.shutdown()
         ray.shutdown()
-    return summary(main, one, two, reading_s)
+    clean = {1: ones, 2: twos}.get(replicas, [])
+    return summary(main or clean[-1], ones, twos, clean, reading_s)
 
 
-def summary(main: PhaseResult, one: PhaseResult, two: PhaseResult | None, reading_s: float) -> dict:
-    """cache_hit_rate comes from the largest replica count run without a kill: after a kill, the follow-ups
-    on the images of the dead replica must re-encode wherever they land (cache_hit_rate_with_kill)."""
-    clean = main if not main.killed_replica else (two or one)
+def _rate(phases: list[PhaseResult]) -> float:
+    return sum(p.answers for p in phases) / sum(p.seconds for p in phases)
+
+
+def summary(main: PhaseResult, ones: list[PhaseResult], twos: list[PhaseResult], clean: list[PhaseResult],
+            reading_s: float) -> dict:  # fmt: skip
+    """speedup_2_over_1: answers per second over all 2-replica phases / over all 1-replica phases.
+    cache_hit_rate: follow-ups answered from the replica's cache in the runs without a kill at the asked replica
+    count (at 2 when that count was not run clean); after a kill, the follow-ups on the dead replica's images
+    must re-encode wherever they land (cache_hit_rate_with_kill)."""
+    clean = clean or twos
+    follow_ups = sum(p.follow_ups for p in clean)
+    hits = sum(round(p.cache_hit_rate * p.follow_ups) for p in clean)
     return {
         "answered": main.answered,
         "failed": main.failed,
         "replicas": main.replicas,
         "answers_per_s": main.answers_per_s,
-        "speedup_2_over_1": round(two.answers_per_s / one.answers_per_s, 2) if two else None,
-        "cache_hit_rate": clean.cache_hit_rate,  # routing quality: the largest run without a kill
+        "speedup_2_over_1": round(_rate(twos) / _rate(ones), 2),
+        "cache_hit_rate": round(hits / follow_ups, 3) if follow_ups else None,
         "cache_hit_rate_with_kill": main.cache_hit_rate if main.killed_replica else None,
         "engine": "ray_serve",
         "clients": main.students,
         "answers": main.answers,
         "killed_replica": main.killed_replica,
         "retries": main.retries,
+        "answers_per_s_1_replica": round(_rate(ones), 2),
+        "answers_per_s_2_replicas": round(_rate(twos), 2),
         "reading_s": reading_s,
         "cpu_count": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),
-        "phases": [asdict(p) for p in (one, two, main) if p is not None],
+        "phases": [asdict(p) for p in (*ones, *twos, *([] if main in (*ones, *twos) else [main]))],
     }
 
 
@@ -219,14 +257,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--questions", type=int, default=len(QUESTIONS), choices=range(1, len(QUESTIONS) + 1))
     parser.add_argument("--timeout-s", type=float, default=300.0, help="bound of each phase")
     parser.add_argument("--model", default=None, help="default: the shipped small model")
-    parser.add_argument("--reading-s", type=float, default=READING_S, help="pause between a student's questions")
+    parser.add_argument(
+        "--reading-s", type=float, default=READING_S, help="pause between a student's questions"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="alternating 1- and 2-replica phases")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.replicas < 1 or args.clients < 1:
-        parser.error("--replicas and --clients must be at least 1")
+    if min(args.replicas, args.clients, args.repeats) < 1:
+        parser.error("--replicas, --clients and --repeats must be at least 1")
     result = run(args.replicas, args.clients, kill_one=args.kill_one, questions=args.questions,
-                 timeout_s=args.timeout_s, model=args.model, reading_s=args.reading_s)  # fmt: skip
+                 timeout_s=args.timeout_s, model=args.model, reading_s=args.reading_s, repeats=args.repeats)  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:

@@ -63,6 +63,7 @@ class ServeOptions:
     num_gpus: float = 0.0
     torch_threads: int | None = None  # e.g. 1 for several CPU replicas on one machine
     graceful_shutdown_s: float = 120.0  # a replica being scaled down finishes its answers first
+    warm_up: bool = True  # answer one blank-image question at start-up, so no student pays first-call costs
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -92,11 +93,11 @@ class ServeOptions:
 
 @dataclass(frozen=True)
 class Reply:
-    """The end of one remote request: the answer (None for an encoding) and whether the image was cached."""
+    """The end of one remote request: the answer, and whether the replica had the image cached."""
 
     cache_hit: bool
     replica: str
-    answer: Answer | None = None
+    answer: Answer
 
 
 @dataclass
@@ -120,6 +121,13 @@ class EngineReplica:
                                   quantization=options.quantization)  # fmt: skip
         self._lock = asyncio.Lock()  # the engine is not thread-safe
         self._replica = serve.get_replica_context().replica_id.unique_id
+        if options.warm_up:
+            blank = self.engine.set_image(np.zeros((64, 64, 3), np.uint8))
+            self.engine.ask(
+                blank,
+                "Describe the image.",
+                settings=GenerationSettings(max_new_tokens=2, force_answer="<SEG>"),
+            )
 
     def info(self) -> ModelInfo:
         return self.engine.info

@@ -27,7 +27,9 @@ def front_matter() -> tuple[dict, str]:
 
 
 def pinned(package: str) -> str:
-    line = next(li for li in (REPO / "requirements.txt").read_text().splitlines() if li.startswith(f"{package}=="))
+    line = next(
+        li for li in (REPO / "requirements.txt").read_text().splitlines() if li.startswith(f"{package}==")
+    )
     return line.split("==")[1].strip()
 
 
@@ -170,7 +172,7 @@ def test_zerogpu_answers_match_the_plain_engine(engine):
     rgb[20:40, 30:50] = 200
     settings = GenerationSettings(max_new_tokens=6, force_answer="<SEG>")
     plain = engine.ask(engine.set_image(rgb), "Please segment the square.", settings=settings)
-    wrapped_engine = ZeroGPUEngine(engine, gpu=lambda duration: (lambda fn: fn), offload=True)
+    wrapped_engine = ZeroGPUEngine(engine, gpu=lambda duration: lambda fn: fn, offload=True)
     image = wrapped_engine.set_image(rgb)
     wrapped = wrapped_engine.ask(image, "Please segment the square.", settings=settings)
     assert wrapped.text == plain.text and np.array_equal(wrapped.mask, plain.mask)

@@ -44,7 +44,13 @@ def test_api_lists_only_named_endpoints_with_named_parameters(demo_with_store):
                   if re.fullmatch(r"param_\d+", p["parameter_name"] or "")]  # fmt: skip
     assert bad_names == [] and bad_params == [] and not info["unnamed_endpoints"]
     assert set(named) == SCRIPTED
-    assert [p["parameter_name"] for p in named["/mark_region"]["parameters"]] == ["tool", "x1", "y1", "x2", "y2"]
+    assert [p["parameter_name"] for p in named["/mark_region"]["parameters"]] == [
+        "tool",
+        "x1",
+        "y1",
+        "x2",
+        "y2",
+    ]
 
 
 def test_readme_client_example_uploads_a_dicom_asks_with_a_box_and_saves_the_mask(engine, tmp_path):
@@ -54,11 +60,15 @@ def test_readme_client_example_uploads_a_dicom_asks_with_a_box_and_saves_the_mas
     demo.launch(prevent_thread_lock=True, quiet=True, server_port=PORT, **launch_kwargs(ctx.settings))
     try:
         client = Client(f"http://127.0.0.1:{PORT}/", verbose=False)
-        info = client.predict(handle_file(get_testdata_file("CT_small.dcm")), False, api_name="/load_image")[0]
+        info = client.predict(handle_file(get_testdata_file("CT_small.dcm")), False, api_name="/load_image")[
+            0
+        ]
         assert "CT" in info
         note = client.predict("Box", 30, 40, 90, 100, api_name="/mark_region")[1]
         assert "box" in note.lower()
-        chat = client.predict("What is in the marked region?", "Box", None, 0.5, "fill", "orange", api_name="/ask")[0]
+        chat = client.predict(
+            "What is in the marked region?", "Box", None, 0.5, "fill", "orange", api_name="/ask"
+        )[0]
         assert "<region>" in str(chat[0]["content"]) and chat[1]["role"] == "assistant"
         _, _, overlay, area, files, _ = client.predict(
             "Please segment the spine.", "None", None, 0.5, "fill", "orange", api_name="/segment"
