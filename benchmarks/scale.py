@@ -38,8 +38,7 @@ log = logging.getLogger("benchmarks.scale")
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "medimages"
 DASHBOARD_PORT = 8782  # Ray's head process binds it even without the dashboard; away from the default 8265
 KILL_AT = 0.4  # share of the expected answers after which --kill-one kills a replica
-READING_S = 0.2  # a student reads each answer before the next question (Serve learns a new image's
-# replica from the replica's report, pushed every 0.1 s: questions sent back to back within that window miss)
+READING_S = 0.2  # a student reads each answer before asking the next question
 MAX_NEW_TOKENS = 24
 QUESTIONS = (
     ("What modality is this image?", None),
@@ -71,6 +70,7 @@ class PhaseResult:
     follow_ups: int
     retries: int
     killed_replica: bool
+    answers_by_replica: tuple[int, ...]  # most first; a killed replica and its replacement count apart
 
 
 def load_students(count: int) -> list[Student]:
@@ -166,7 +166,8 @@ def run_phase(replicas: int, students: list[Student], load: Load, *, kill_one: b
     return PhaseResult(replicas=replicas, students=len(students), answered=answered,
                        failed=len(students) - answered, answers=stats.answers, seconds=round(seconds, 2),
                        answers_per_s=round(stats.answers / seconds, 2), cache_hit_rate=round(stats.hit_rate, 3),
-                       follow_ups=stats.follow_ups, retries=stats.retries, killed_replica=killed.is_set())  # fmt: skip
+                       follow_ups=stats.follow_ups, retries=stats.retries, killed_replica=killed.is_set(),
+                       answers_by_replica=tuple(sorted(stats.per_replica.values(), reverse=True)))  # fmt: skip
 
 
 def _outcome(future) -> bool:

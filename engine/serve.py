@@ -22,15 +22,17 @@ import dataclasses
 import hashlib
 import logging
 import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
 
 from engine.results import Answer, GenerationSettings, ModelInfo
 
@@ -86,9 +88,49 @@ class ServeOptions:
             "max_ongoing_requests": self.max_ongoing_requests,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_s,
             "graceful_shutdown_wait_loop_s": min(2.0, self.graceful_shutdown_s),
+            "request_router_config": RequestRouterConfig(request_router_class=ImageAffinityRouter),
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             **scaling,
         }
+
+
+class ImageAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
+    """Serve's request router for the engine: a question goes to the replica that holds its image.
+
+    Ranks, best first: the replica this router sent the image to before, or any replica that Serve's multiplexing
+    reports as holding it (those reports lag by ~0.1 s); then, for a new image, the live replica that this router
+    has given the fewest images (an even share of students per replica, where Serve's default would count
+    reported images); the other replicas last, so a full or dead replica never blocks a request.
+    """
+
+    def initialize_state(self, remembered: int = 100_000) -> None:
+        self._placed: OrderedDict[str, Any] = OrderedDict()  # image key → replica id (LRU)
+        self._images: Counter[Any] = Counter()  # replica id → images placed there
+        self._remembered = remembered
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:  # fmt: skip
+        key = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        holders = [self._placed.get(key)] if key else []
+        holders += sorted(self._multiplexed_model_id_to_replica_ids.get(key, ()), key=str) if key else []
+        first = [by_id[i] for i in dict.fromkeys(holders) if i in by_id]
+        if not first and candidate_replicas:
+            first = [min(candidate_replicas, key=lambda r: (self._images[r.replica_id], str(r.replica_id)))]
+            if key:
+                self._place(key, first[0].replica_id)
+        rest = [r for r in candidate_replicas if r not in first]
+        return [rank for rank in (first, rest) if rank]
+
+    def _place(self, key: str, replica_id: Any) -> None:
+        """Remember where a new image was sent (at choice time: Serve reports it only ~0.1 s later)."""
+        if key in self._placed:
+            self._images[self._placed.pop(key)] -= 1
+        self._placed[key] = replica_id
+        self._images[replica_id] += 1
+        if len(self._placed) > self._remembered:
+            _, old = self._placed.popitem(last=False)
+            self._images[old] -= 1
 
 
 @dataclass(frozen=True)
@@ -200,12 +242,14 @@ class RemoteImage:
 @dataclass(frozen=True)
 class CacheStats:
     """answers: all answers; follow_ups: answers about an image asked about before through this client;
-    hits: follow-ups whose replica still held the image's embeddings; retries: requests sent again."""
+    hits: follow-ups whose replica still held the image's embeddings; retries: requests sent again;
+    per_replica: answers by replica id."""
 
     answers: int
     follow_ups: int
     hits: int
     retries: int
+    per_replica: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def hit_rate(self) -> float:
@@ -221,13 +265,15 @@ class _Counters:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._remembered = remembered
         self.answers = self.follow_ups = self.hits = self.retries = 0
+        self.per_replica: Counter[str] = Counter()
 
-    def answered(self, key: str, cache_hit: bool) -> None:
+    def answered(self, key: str, reply: Reply) -> None:
         with self._lock:
             self.answers += 1
+            self.per_replica[reply.replica] += 1
             if key in self._seen:
                 self.follow_ups += 1
-                self.hits += int(cache_hit)
+                self.hits += int(reply.cache_hit)
                 self._seen.move_to_end(key)
                 return
             self._seen[key] = None
@@ -272,7 +318,7 @@ class RemoteAnswerStream:
                 for item in self._engine._open_stream(self._image, self._args):
                     if isinstance(item, Reply):
                         self.result = item.answer
-                        self._engine._counters.answered(self._image.key, item.cache_hit)
+                        self._engine._counters.answered(self._image.key, item)
                         return
                     text += item
                     if len(text) > len(shown):
@@ -307,7 +353,9 @@ class RemoteEngine:
     @property
     def stats(self) -> CacheStats:
         c = self._counters
-        return CacheStats(answers=c.answers, follow_ups=c.follow_ups, hits=c.hits, retries=c.retries)
+        with c._lock:
+            return CacheStats(answers=c.answers, follow_ups=c.follow_ups, hits=c.hits, retries=c.retries,
+                              per_replica=dict(c.per_replica))  # fmt: skip
 
     def set_image(self, rgb: np.ndarray) -> RemoteImage:
         """(H, W, 3) uint8 RGB → a handle. The first question encodes the image on the replica that answers it
@@ -348,7 +396,7 @@ class RemoteEngine:
                 if attempt == RETRIES:
                     raise
                 self._counters.retried()
-        self._counters.answered(image.key, reply.cache_hit)
+        self._counters.answered(image.key, reply)
         return reply.answer
 
     def _open_stream(self, image: RemoteImage, args: tuple) -> Iterator[Any]:

@@ -3,8 +3,6 @@ holds the image, survives a killed replica; and a small run of `benchmarks.scale
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from portal_helpers import load_test_engine, portal_context, write_png
@@ -13,7 +11,6 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 pytestmark = pytest.mark.slow
-READING_S = 0.3  # a student reads the answer; Serve learns where a new image lives within ~0.1 s
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +56,9 @@ def test_remote_engine_streams_the_local_engines_answer(remote, local):
         remote.stream(remote.set_image(rgb), "  ")
 
 
-def test_follow_ups_reach_the_replica_that_holds_the_image(remote):
+def test_follow_ups_reach_the_replica_that_holds_the_image_and_images_are_shared_out(remote):
+    """Questions sent back to back (no reading pause): the router knows where it sent a new image at once,
+    where Serve's own multiplexing reports arrive ~0.1 s later (measured: 10 of 16 back-to-back hits)."""
     from engine.results import GenerationSettings
 
     before = remote.stats
@@ -70,10 +69,10 @@ def test_follow_ups_reach_the_replica_that_holds_the_image(remote):
         for question in ("Describe the image.", "Is there an abnormality?", "What modality is it?"):
             answer = remote.ask(image, question, history=tuple(history), settings=settings)
             history.append((question, answer.text))
-            time.sleep(READING_S)
     after = remote.stats
-    follow_ups, hits = after.follow_ups - before.follow_ups, after.hits - before.hits
-    assert follow_ups == 12 and hits >= 11
+    assert (after.follow_ups - before.follow_ups, after.hits - before.hits) == (12, 12)
+    served = [after.per_replica[r] - before.per_replica.get(r, 0) for r in after.per_replica]
+    assert sorted(served) == [9, 9]  # 6 images, 3 per replica
 
 
 def test_portal_ask_tab_runs_on_the_remote_engine(remote, tmp_path):
