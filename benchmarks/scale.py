@@ -115,13 +115,13 @@ def app_name(replicas: int) -> str:
     return f"{APP_NAME}-scale-{replicas}"
 
 
-def kill_one_replica(app: str) -> str:
-    """Kill one replica actor of `app` (Serve will start a replacement)."""
+def kill_one_replica(app: str, busiest: str | None) -> str:
+    """Kill a replica actor of `app`, the one with id `busiest` when it is there (Serve starts a replacement)."""
     prefix = f"SERVE_REPLICA::{app}#{DEPLOYMENT_NAME}"
     names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
     if not names:
         raise RuntimeError(f"no replica of {app}/{DEPLOYMENT_NAME} to kill")
-    victim = sorted(names, key=lambda a: a["name"])[0]
+    victim = sorted(names, key=lambda a: (not a["name"].endswith(f"#{busiest}"), a["name"]))[0]
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
     return victim["name"]
 
@@ -150,7 +150,9 @@ def run_phase(replicas: int, students: list[Student], load: Load, *, kill_one: b
             if should_kill:
                 killed.set()
         if should_kill:
-            log.info("killed %s after %d answers", kill_one_replica(app), done[0])
+            served = engine.stats.per_replica
+            busiest = max(served, key=served.get) if served else None
+            log.info("killed %s after %d answers", kill_one_replica(app, busiest), done[0])
 
     deadline = time.monotonic() + load.timeout_s
     t0 = time.perf_counter()
