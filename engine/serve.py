@@ -428,13 +428,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def options_from_args(args: argparse.Namespace) -> ServeOptions:
+    autoscale = tuple(int(v) for v in args.autoscale.split(",")) if args.autoscale else None
+    return ServeOptions(model=args.model, device=args.device, dtype=args.dtype, quantization=args.quant,
+                        replicas=args.replicas, autoscale=autoscale, num_gpus=args.gpus_per_replica,
+                        num_cpus=args.cpus_per_replica, torch_threads=args.torch_threads)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    autoscale = tuple(int(v) for v in args.autoscale.split(",")) if args.autoscale else None
-    options = ServeOptions(model=args.model, device=args.device, dtype=args.dtype, quantization=args.quant,
-                           replicas=args.replicas, autoscale=autoscale, num_gpus=args.gpus_per_replica,
-                           num_cpus=args.cpus_per_replica, torch_threads=args.torch_threads)  # fmt: skip
+    options = options_from_args(args)
     ray.init(address=args.address, include_dashboard=False)
     serve.start(proxy_location="Disabled")
     serve.run(engine_app(options), name=APP_NAME, blocking=True)

@@ -187,3 +187,20 @@ def test_dockerfile_names_the_entry_point_and_requirements():
     assert re.search(r'^CMD \["python3?", "app.py"\]', text, re.M)
     assert "GRADIO_SERVER_NAME=0.0.0.0" in text and "EXPOSE 7860" in text
     assert (REPO / ".dockerignore").is_file()
+
+
+def test_app_wraps_the_engine_for_zerogpu_only_when_spaces_is_installed(monkeypatch):
+    import importlib.util
+
+    from portal_helpers import GOLDEN
+
+    import app
+    from engine.inference import Engine
+    from engine.zerogpu import ZeroGPUEngine
+
+    args = app.parse_args(["--device", "cpu", *(["--model", str(GOLDEN)] if GOLDEN.is_dir() else [])])
+    if importlib.util.find_spec("spaces") is not None:
+        assert isinstance(app.make_engine(args), ZeroGPUEngine)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "spaces" else real_find_spec(name))
+    assert isinstance(app.make_engine(args), Engine)  # without spaces: the plain engine, unchanged

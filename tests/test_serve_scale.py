@@ -97,3 +97,15 @@ def test_engine_errors_reach_the_portal_as_plain_messages(remote, local):
     with pytest.raises(ValueError) as streamed:
         list(remote.stream(remote.set_image(rgb), "What is here? <region>", region=region))
     assert str(got.value) == str(streamed.value) == str(expected.value) and "Traceback" not in str(got.value)
+
+
+def test_deployment_options_for_gpu_replicas_with_autoscaling():
+    from engine.serve import ImageAffinityRouter, options_from_args, parse_args
+
+    args = parse_args(["--model", "Huangxs/MedPLIB-7b-2e", "--gpus-per-replica", "1", "--autoscale", "1,4"])
+    options = options_from_args(args).deployment_options()
+    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2.0}
+    assert "num_replicas" not in options and options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert options["request_router_config"].request_router_class in (ImageAffinityRouter, f"{ImageAffinityRouter.__module__}.ImageAffinityRouter")
+    fixed = options_from_args(parse_args(["--replicas", "3"])).deployment_options()
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
