@@ -54,8 +54,9 @@ def answer_duration(
 
 @dataclass
 class GpuImage:
-    """The portal's handle for one image: picklable, CPU only. `cached` is the engine's ImageHandle on CPU
-    (None until the first encoding); it is replaced after each answer so the SAM embedding is kept too."""
+    """The portal's handle for one image. `cached` is the engine's ImageHandle (None until the first answer
+    encodes the image), on CPU when offloading (ZeroGPU), so the whole handle pickles; it is replaced after each
+    answer, so a SAM-Med2D embedding computed there is kept too."""
 
     rgb: np.ndarray  # (H, W, 3) uint8
     cached: Any = None
