@@ -30,7 +30,7 @@ import ray
 from PIL import Image
 from ray import serve
 
-from engine.results import GenerationSettings
+from engine.results import Answer, GenerationSettings
 from engine.serve import APP_NAME, DEPLOYMENT_NAME, RemoteEngine, ServeOptions, engine_app
 
 log = logging.getLogger("benchmarks.scale")
@@ -38,6 +38,7 @@ log = logging.getLogger("benchmarks.scale")
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "medimages"
 DASHBOARD_PORT = 8782  # Ray's head process binds it even without the dashboard; away from the default 8265
 KILL_AT = 0.4  # share of the expected answers after which --kill-one kills a replica
+ANSWER_STAGES = ("prefill", "decode", "mask")  # Answer.timings_ms stages run for every answer
 READING_S = 0.2  # a student reads each answer before asking the next question
 MAX_NEW_TOKENS = 24
 QUESTIONS = (
@@ -70,6 +71,7 @@ class PhaseResult:
     follow_ups: int
     retries: int
     killed_replica: bool
+    engine_ms_per_answer: float  # prefill + decode + mask on the replica (image encoding excluded)
     answers_by_replica: tuple[int, ...]  # most first; a killed replica and its replacement count apart
 
 
@@ -89,7 +91,7 @@ def load_students(count: int) -> list[Student]:
 
 
 def run_student(engine: RemoteEngine, student: Student, questions: int, deadline: float,
-                on_answer: Callable[[], None], reading_s: float = READING_S) -> bool:  # fmt: skip
+                on_answer: Callable[[Answer], None], reading_s: float = READING_S) -> bool:  # fmt: skip
     """Ask the student's conversation; True when every question got an answer before the deadline."""
     settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
     history: list[tuple[str, str]] = []
@@ -107,7 +109,7 @@ def run_student(engine: RemoteEngine, student: Student, questions: int, deadline
         )
         answer = engine.ask(image, question, region=region, history=tuple(history), settings=settings)
         history.append((question, answer.text))
-        on_answer()
+        on_answer(answer)
     return True
 
 
@@ -143,9 +145,12 @@ def run_phase(replicas: int, students: list[Student], load: Load, *, kill_one: b
     lock, killed = threading.Lock(), threading.Event()
     kill_after = int(KILL_AT * len(students) * load.questions)
 
-    def on_answer() -> None:
+    engine_ms: list[float] = []
+
+    def on_answer(answer: Answer) -> None:
         with lock:
             done[0] += 1
+            engine_ms.append(sum(answer.timings_ms.get(stage, 0.0) for stage in ANSWER_STAGES))
             should_kill = kill_one and not killed.is_set() and done[0] >= kill_after
             if should_kill:
                 killed.set()
@@ -169,6 +174,7 @@ def run_phase(replicas: int, students: list[Student], load: Load, *, kill_one: b
                        failed=len(students) - answered, answers=stats.answers, seconds=round(seconds, 2),
                        answers_per_s=round(stats.answers / seconds, 2), cache_hit_rate=round(stats.hit_rate, 3),
                        follow_ups=stats.follow_ups, retries=stats.retries, killed_replica=killed.is_set(),
+                       engine_ms_per_answer=round(sum(engine_ms) / max(len(engine_ms), 1), 1),
                        answers_by_replica=tuple(sorted(stats.per_replica.values(), reverse=True)))  # fmt: skip
 
 

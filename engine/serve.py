@@ -6,9 +6,10 @@ fixed replica count or an autoscaling range. `RemoteEngine` has the local `Engin
 use it unchanged.
 
 Cache affinity: an image's key is a hash of its pixels, sent as Serve's multiplexed model id. The replica that
-encoded the image keeps its CLIP (and SAM-Med2D) embeddings in a multiplexed slot, and Serve routes later
-requests with the same id to it; another replica re-encodes from the pixels that every request carries, so a
-lost or evicted replica costs one encoding, never an answer. Each reply says whether the replica had the
+encoded the image keeps its CLIP (and SAM-Med2D) embeddings in a multiplexed slot, and the router sends later
+requests with the same id to it. Follow-ups go without their pixels; a replica that does not hold the image
+(evicted, or a replacement) answers ImageNotCached and the request is sent again with them, so a lost or
+evicted replica costs one encoding, never an answer. Each reply says whether the replica had the
 image cached; `RemoteEngine.stats` counts them. A request that dies with its replica is retried.
 
 Requires `ray[serve]` (requirements-serve.txt). Start a deployment with `python -m engine.serve`.
@@ -142,6 +143,10 @@ class Reply:
     answer: Answer
 
 
+class ImageNotCached(LookupError):
+    """A request without pixels reached a replica that does not hold its image (evicted, or a new replica)."""
+
+
 @dataclass
 class _Slot:
     """One image's cached embeddings on a replica (a Serve multiplexed "model")."""
@@ -183,15 +188,19 @@ class EngineReplica:
     async def _slot(self, image_key: str) -> _Slot:
         return _Slot()
 
-    async def _cached_handle(self, rgb: np.ndarray) -> tuple[Any, bool]:
-        """The image's engine handle from this replica's slot (hit), else encoded now and kept (miss)."""
-        slot = await self._slot(serve.get_multiplexed_model_id())
+    async def _cached_handle(self, rgb: np.ndarray | None) -> tuple[Any, bool]:
+        """The image's engine handle from this replica's slot (hit), else encoded now and kept (miss).
+        rgb is None when the client expects a hit; ImageNotCached then asks it to send the pixels."""
+        key = serve.get_multiplexed_model_id()
+        slot = await self._slot(key)
         if slot.handle is not None:
             return slot.handle, True
+        if rgb is None:
+            raise ImageNotCached(key)
         slot.handle = await asyncio.to_thread(self.engine.set_image, rgb)
         return slot.handle, False
 
-    async def stream(self, rgb: np.ndarray, question: str, region: np.ndarray | None,
+    async def stream(self, rgb: np.ndarray | None, question: str, region: np.ndarray | None,
                      history: Sequence[tuple[str, str]], settings: GenerationSettings):  # fmt: skip
         """Yields text pieces, then one `Reply` with the `Answer`."""
         async with self._lock:
@@ -202,7 +211,7 @@ class EngineReplica:
                 yield piece
             yield Reply(cache_hit=hit, replica=self._replica, answer=stream.result)
 
-    async def answer(self, rgb: np.ndarray, question: str, region: np.ndarray | None,
+    async def answer(self, rgb: np.ndarray | None, question: str, region: np.ndarray | None,
                      history: Sequence[tuple[str, str]], settings: GenerationSettings) -> Reply:  # fmt: skip
         """The whole answer in one reply (scripts, quizzes): no per-piece messages."""
         async with self._lock:
@@ -280,6 +289,10 @@ class _Counters:
             if len(self._seen) > self._remembered:
                 self._seen.popitem(last=False)
 
+    def seen(self, key: str) -> bool:
+        with self._lock:
+            return key in self._seen
+
     def retried(self) -> None:
         with self._lock:
             self.retries += 1
@@ -312,10 +325,11 @@ class RemoteAnswerStream:
 
     def __iter__(self) -> Iterator[str]:
         shown = ""
+        pixels = not self._engine._counters.seen(self._image.key)  # a follow-up goes without its pixels
         for attempt in range(RETRIES + 1):
             text = ""
             try:
-                for item in self._engine._open_stream(self._image, self._args):
+                for item in self._engine._open_stream(self._image, self._args, pixels):
                     if isinstance(item, Reply):
                         self.result = item.answer
                         self._engine._counters.answered(self._image.key, item)
@@ -325,12 +339,14 @@ class RemoteAnswerStream:
                         yield text[len(shown) :]
                         shown = text
             except RayTaskError as err:
-                raise _user_error(err) from None
+                if not isinstance(err.cause, ImageNotCached) or attempt == RETRIES:
+                    raise _user_error(err) from None
             except _RETRYABLE:
                 if attempt == RETRIES:
                     raise
                 log.warning("a replica died during an answer; sending the request again")
-                self._engine._counters.retried()
+            pixels = True
+            self._engine._counters.retried()
 
 
 class RemoteEngine:
@@ -386,22 +402,26 @@ class RemoteEngine:
         """The whole answer in one request (no streaming); retried when its replica dies."""
         self.stream(image, question, region=region, history=history, settings=settings)  # the same checks
         routed = self._handle.options(multiplexed_model_id=image.key)
+        pixels = not self._counters.seen(image.key)  # a follow-up goes without its pixels
         for attempt in range(RETRIES + 1):
             try:
-                reply = routed.answer.remote(image.rgb, question, region, tuple(history), settings).result()
+                rgb = image.rgb if pixels else None
+                reply = routed.answer.remote(rgb, question, region, tuple(history), settings).result()
                 break
             except RayTaskError as err:
-                raise _user_error(err) from None
+                if not isinstance(err.cause, ImageNotCached) or attempt == RETRIES:
+                    raise _user_error(err) from None
             except _RETRYABLE:
                 if attempt == RETRIES:
                     raise
-                self._counters.retried()
+            pixels = True
+            self._counters.retried()
         self._counters.answered(image.key, reply)
         return reply.answer
 
-    def _open_stream(self, image: RemoteImage, args: tuple) -> Iterator[Any]:
+    def _open_stream(self, image: RemoteImage, args: tuple, pixels: bool) -> Iterator[Any]:
         routed = self._handle.options(multiplexed_model_id=image.key, stream=True)
-        return routed.stream.remote(image.rgb, *args)
+        return routed.stream.remote(image.rgb if pixels else None, *args)
 
 
 # --------------------------------------------------------------------------------------------- the CLI

@@ -3,6 +3,8 @@ holds the image, survives a killed replica; and a small run of `benchmarks.scale
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from portal_helpers import load_test_engine, portal_context, write_png
@@ -109,3 +111,17 @@ def test_deployment_options_for_gpu_replicas_with_autoscaling():
     assert options["request_router_config"].request_router_class in (ImageAffinityRouter, f"{ImageAffinityRouter.__module__}.ImageAffinityRouter")
     fixed = options_from_args(parse_args(["--replicas", "3"])).deployment_options()
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+
+
+def test_a_follow_up_sent_without_pixels_to_a_replica_without_the_image_is_resent_with_them(remote):
+    """Follow-ups go without their pixels; a replica that lacks the image (evicted, replaced) gets them again."""
+    from engine.results import GenerationSettings
+
+    image = remote.set_image(_image(11))
+    remote._counters.answered(image.key, SimpleNamespace(replica="elsewhere", cache_hit=True))  # "seen" before
+    before = remote.stats
+    answer = remote.ask(image, "Describe the image.", settings=GenerationSettings(max_new_tokens=4))
+    streamed = remote.stream(image, "Is it normal?", settings=GenerationSettings(max_new_tokens=4))
+    assert answer.token_ids and "".join(streamed) == streamed.result.text
+    after = remote.stats
+    assert after.retries - before.retries == 1 and after.hits - before.hits == 1  # the stream found it cached
