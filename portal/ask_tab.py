@@ -150,6 +150,18 @@ class AskHandlers:
             return refuse(str(err), 3)
         return session, steps.preview(session), steps.region_note(session, tool, None)
 
+    def mark_region(self, session: AskSession, tool: str, x1: float, y1: float, x2: float, y2: float) -> tuple:
+        """Scripts' stand-in for clicks (API /mark_region): a point at (x1, y1) or a box (x1, y1)-(x2, y2) in pixels."""
+        if tool not in ("Point", "Box"):
+            raise gr.Error(texts.ERR_SCRIPT_TOOL)
+        corners = [(x1, y1)] if tool == "Point" else [(x1, y1), (x2, y2)]
+        try:
+            for x, y in corners:
+                session = steps.click(session, tool, int(x), int(y))
+        except UserInputError as err:
+            raise gr.Error(str(err)) from err
+        return session, steps.preview(session), steps.region_note(session, tool, None)
+
     def undo(self, session: AskSession, tool: str, sketch: dict | None) -> tuple:
         session = replace(session, marks=session.marks.undo())
         return session, steps.preview(session), steps.region_note(session, tool, sketch)
@@ -430,6 +442,9 @@ def _region_controls() -> dict[str, Any]:
         c["undo"] = gr.Button(texts.UNDO_BUTTON, size="sm")
         c["clear"] = gr.Button(texts.CLEAR_BUTTON, size="sm")
     c["note"] = gr.Markdown(texts.NOTE_NO_MARK, elem_id="ask-mark-note")
+    with gr.Row(visible=False):  # filled only by scripts through /mark_region (clicks can't be scripted)
+        c["script_mark"] = gr.Button()
+        c["script_xy"] = [gr.Number(label=name) for name in ("x1", "y1", "x2", "y2")]
     return c
 
 
@@ -482,6 +497,9 @@ def _wire_regions(h: AskHandlers, session: gr.State, c: dict[str, Any]) -> None:
     )
     c["tool"].change(h.choose_tool, region_state, [c["preview"], c["editor"], c["note"]], **private)
     c["editor"].input(h.sketched, region_state, c["note"], **private)
+    c["script_mark"].click(
+        h.mark_region, [session, c["tool"], *c["script_xy"]], [session, c["preview"], c["note"]], api_name="mark_region"
+    )
 
 
 def _wire_talk(

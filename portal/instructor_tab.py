@@ -430,19 +430,26 @@ def build_instructor_tab(ctx: Any) -> None:
                 gr.Button("Save changes to the edited case"),
             )
     bind = gate.bind
+    # Instructor events are left out of the API docs (instructors script through `python -m cases`), but stay
+    # callable ("undocumented"), so the cookie check, not obscurity, is what refuses a stranger.
+    hidden = {"api_visibility": "undocumented"}
     login.click(
         bind(h.after_login, 2, name="login"), [username, password], [status, password, menu, editor_area],
-        js=LOGIN_JS,
+        js=LOGIN_JS, api_name="login", **hidden,
     )  # fmt: skip
-    logout.click(bind(h.logout, 0), None, [status, menu, editor_area], js=LOGOUT_JS)
-    read.click(h.read, [file, plane_in, index, preset], [upload, editor, note])
+    logout.click(bind(h.logout, 0), None, [status, menu, editor_area], js=LOGOUT_JS, api_name="logout", **hidden)
+    read.click(h.read, [file, plane_in, index, preset], [upload, editor, note], api_name="read_upload", **hidden)
     common = [upload, editor, mask_file, publish, reviewed, *fields]
-    save_new.click(bind(lambda s, *a: h.save(s, None, *a), len(common)), common, [status, menu])
-    save_edit.click(bind(h.save_changes, len(common) + 1), [editing, *common], [status, menu])
-    load.click(bind(h.load, 1), [menu], [upload, editor, note, editing, *fields])
-    publish_btn.click(bind(lambda s, c: h.set_published(s, c, True), 1), [menu], [status, menu])
-    unpublish_btn.click(bind(lambda s, c: h.set_published(s, c, False), 1), [menu], [status, menu])
-    review_btn.click(bind(h.confirm_review, 1), [menu], [status, menu])
-    delete.click(bind(h.delete, 1), [menu], [status, menu])
-    export.click(bind(h.export_csv, 0), None, csv_file)
-    audit.click(bind(h.export_audit, 0), None, [audit_file, audit_table])
+    save_new.click(bind(lambda s, *a: h.save(s, None, *a), len(common)), common, [status, menu],
+                   api_name="save_case", **hidden)  # fmt: skip
+    save_edit.click(bind(h.save_changes, len(common) + 1), [editing, *common], [status, menu],
+                    api_name="save_changes", **hidden)  # fmt: skip
+    load.click(bind(h.load, 1), [menu], [upload, editor, note, editing, *fields], api_name="edit_case", **hidden)
+    publish_btn.click(bind(lambda s, c: h.set_published(s, c, True), 1), [menu], [status, menu],
+                      api_name="publish_case", **hidden)  # fmt: skip
+    unpublish_btn.click(bind(lambda s, c: h.set_published(s, c, False), 1), [menu], [status, menu],
+                        api_name="unpublish_case", **hidden)  # fmt: skip
+    review_btn.click(bind(h.confirm_review, 1), [menu], [status, menu], api_name="confirm_review", **hidden)
+    delete.click(bind(h.delete, 1), [menu], [status, menu], api_name="delete_case", **hidden)
+    export.click(bind(h.export_csv, 0), None, csv_file, api_name="export_csv", **hidden)
+    audit.click(bind(h.export_audit, 0), None, [audit_file, audit_table], api_name="export_audit", **hidden)

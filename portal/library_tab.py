@@ -216,10 +216,11 @@ def build_library_tab(ctx: Any) -> gr.State | None:
                                elem_id="library-card")  # fmt: skip
     handoff = gr.State(None)
     filters = [modality, anatomy, difficulty, text]
-    for trigger in (modality.change, anatomy.change, difficulty.change, text.submit):
-        trigger(h.search, filters, [picker, count])
-    picker.change(h.open_case, [picker, window], [image, masks, card])
-    masks.change(h.redraw, [picker, masks, window], image)
-    window.change(h.redraw, [picker, masks, window], image)
-    to_ask.click(h.handoff, picker, [handoff, handoff_file, question, hint])
+    text.submit(h.search, filters, [picker, count], api_name="search_cases")
+    for trigger in (modality.change, anatomy.change, difficulty.change):
+        trigger(h.search, filters, [picker, count], api_visibility="private")
+    picker.change(h.open_case, [picker, window], [image, masks, card], api_name="open_case")
+    masks.change(h.redraw, [picker, masks, window], image, api_visibility="private")
+    window.change(h.redraw, [picker, masks, window], image, api_visibility="private")
+    to_ask.click(h.handoff, picker, [handoff, handoff_file, question, hint], api_visibility="private")
     return handoff

@@ -342,11 +342,11 @@ def build_quiz_tab(ctx: Any) -> None:
             plot = gr.Plot(label="Progress")
     discussion = gr.Markdown(elem_id="quiz-discussion")
     view = [prompt, closed, opened, editor, result, compare, layers, discussion]
-    start.click(h.start, [choice, state], [state, header, question, *view])
-    question.input(h.choose_question, [question, state], [state, header, *view])
+    start.click(h.start, [choice, state], [state, header, question, *view], api_name="quiz_start")
+    question.input(h.choose_question, [question, state], [state, header, *view], api_name="quiz_question")
     submitted = submit.click(h.submit, [closed, opened, editor, pseudonym, browser_id, state],
-                             [state, browser_id, result, compare, layers, discussion, plot])  # fmt: skip
+                             [state, browser_id, result, compare, layers, discussion, plot], api_name="quiz_submit")  # fmt: skip
     if engine is not None:  # a missing model answer is computed in the model queue the Ask tab uses
         submitted.success(h.reveal_model, [layers, state], [result, compare], api_visibility="private",
                           **ctx.model_queue())  # fmt: skip
-    layers.change(h.toggle, [layers, state], compare)
+    layers.change(h.toggle, [layers, state], compare, api_visibility="private")

@@ -8,6 +8,7 @@ QUEUE_MAX_SIZE = None  # the global queue is unbounded: cheap events (upload, sl
 MODEL_QUEUE_MAX_SIZE = 80  # questions waiting for the model beyond this are refused (validator, before queueing)
 MODEL_CONCURRENCY_ID = "model"  # every event that runs the model shares this queue
 MODEL_CONCURRENCY_LIMIT = 1  # one generation at a time on one device
+REMOTE_MODEL_CONCURRENCY_LIMIT = 16  # with a Ray Serve engine: requests in flight to its replicas
 UI_CONCURRENCY_LIMIT = 4  # other events (reading uploads, redrawing overlays), per event
 DELETE_CACHE = (600, 900)  # gradio cache sweep: every 10 min, files older than 15 min (uploads go at once)
 SESSION_TTL_S = 1800  # an Ask session idle this long is dropped (gr.State time_to_live)
@@ -109,6 +110,7 @@ ERR_NO_MARK = (
 )
 ERR_HALF_BOX = "The box has only one corner. Click the opposite corner, or press Undo."
 ERR_SKETCH_SIZE = "The sketch does not match the image size; clear it and draw again."
+ERR_SCRIPT_TOOL = "/mark_region takes tool 'Point' (x1, y1) or 'Box' (x1, y1, x2, y2), in image pixels."
 ERR_MODEL = "The model failed on this request ({kind}). Try again; if it keeps failing, try a smaller image."
 ERR_REGION_TAG = (
     "The question contains <region> but no region is marked. Mark a point, box or sketch, or remove <region>."
