@@ -117,9 +117,8 @@ def test_transparent_pixels_are_black_and_said_so(handlers, tmp_path: Path) -> N
 
 def test_logged_out_visitors_do_not_see_the_instructor_editor(tmp_path: Path) -> None:
     """Bug: logged-out visitors saw the whole instructor editor, including Delete and Publish."""
-    from portal.instructor_tab import build_instructor_tab
-
     from portal.context import PortalSettings
+    from portal.instructor_tab import build_instructor_tab
 
     class Ctx:
         store = CaseStore(str(tmp_path / "i.sqlite"), seed_starter=False)
