@@ -20,6 +20,7 @@ from portal.ask_extras import build_ask_extras
 from portal.ask_tab import AskTabInputs, build_ask_tab
 from portal.class_tab import build_class_tab
 from portal.context import PortalContext, PortalSettings
+from portal.instructor_access import instructor_gate
 from portal.instructor_auth import instructor_routes
 from portal.session_memory import close_session, reopen_session
 
@@ -74,11 +75,11 @@ def build_app(ctx: PortalContext) -> gr.Blocks:
     with gr.Blocks(title=texts.TITLE, analytics_enabled=False, delete_cache=settings.delete_cache) as demo:
         gr.Markdown(f"# {texts.TITLE}")
         gr.Markdown(banner_markdown(ctx.engine.info), elem_id="portal-banner")
-        instructor = gr.State(None)  # issue 21's instructor features share one login (portal.instructor_access)
+        gate = instructor_gate(ctx)  # the Class tab and the Ask tab's draft saving read the login cookie
         with gr.Tabs() as tabs:
             with gr.Tab(texts.ASK_TAB, id=ASK_TAB_ID):
                 ask_inputs = build_ask_tab(ctx)
-                build_ask_extras(ctx, ask_inputs.session, ask_inputs.upload, ask_inputs.question, instructor)
+                build_ask_extras(ctx, ask_inputs.session, ask_inputs.upload, ask_inputs.question, gate)
             for module_name, function_name, title in TEACHING_TABS:
                 builder = optional_tab_builder(module_name, function_name)
                 if builder is None:
@@ -89,7 +90,7 @@ def build_app(ctx: PortalContext) -> gr.Blocks:
                 if isinstance(returned, gr.State):  # the case library's hand-off to the Ask tab
                     wire_handoff(returned, ask_inputs, tabs)
             with gr.Tab(texts.CLASS_TAB):
-                build_class_tab(ctx, instructor)
+                build_class_tab(ctx, gate)
         demo.unload(release_session)
         ctx.sessions.attach(
             lambda session_id: close_session(demo, session_id),

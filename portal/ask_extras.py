@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from cases import CaseDraft, CaseStoreError, ImageDraft, MaskDraft, QuestionDraft
+from cases import CaseDraft, CaseStoreError, ImageDraft, InstructorSession, MaskDraft, QuestionDraft
 from cases.records import ModelOutputDraft
 from engine import imageio, processing
 from engine.dicomseg import SegExportError, build_seg, write_seg_for_display
@@ -33,7 +33,8 @@ from engine.volume import (
 )
 from portal import exports, texts
 from portal.ask_session import AskSession
-from portal.instructor_access import require_instructor
+from portal.instructor_access import instructor_gate, require_instructor
+from portal.instructor_auth import InstructorGate
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +155,11 @@ class AskExtras:
         return [str(f) for f in files]
 
     # ---- save as a case draft --------------------------------------------------------------------
-    def save_draft(self, session: AskSession, instructor: Any, title: str) -> str:
-        """The explored image, region, question, model answer and mask as an unpublished case (instructor)."""
+    def save_draft(self, instructor: InstructorSession | None, session: AskSession, title: str) -> str:
+        """The explored image, region, question, model answer and mask as an unpublished case (instructor).
+
+        `instructor` is the session `InstructorGate.bind` read from the request's login cookie.
+        """
         store = self.ctx.store
         try:
             who = require_instructor(store, instructor, texts.DRAFT_NEEDS_LOGIN)
@@ -219,8 +223,9 @@ def _now() -> Any:
 
 
 def build_ask_extras(ctx: Any, ask_session: gr.State, upload: gr.File, question: gr.Textbox,
-                     instructor: gr.State) -> None:  # fmt: skip
-    """The accordion under the Ask tab; `instructor` is the portal's shared instructor-session state."""
+                     gate: InstructorGate | None = None) -> None:  # fmt: skip
+    """The accordion under the Ask tab; "save as a case draft" (with a case store) takes its instructor
+    from `gate`, the login cookie (built from the context when not given)."""
     x = AskExtras(ctx)
     source, cache = gr.State(None), gr.State(None)
     with gr.Accordion(texts.EXTRAS_TITLE, open=False, elem_id="ask-extras"):
@@ -232,7 +237,7 @@ def build_ask_extras(ctx: Any, ask_session: gr.State, upload: gr.File, question:
         with gr.Row():
             seg_files = gr.File(label=texts.SEG_FILES_LABEL, file_count="multiple", interactive=False)
             volume_files = gr.File(label=texts.VOLUME_FILES_LABEL, file_count="multiple", interactive=False)
-        with gr.Row():
+        with gr.Row(visible=ctx.store is not None):
             title = gr.Textbox(label=texts.DRAFT_TITLE_LABEL, scale=3, elem_id="ask-draft-title")
             save = gr.Button(texts.DRAFT_BUTTON, scale=1, elem_id="ask-draft-button")
         draft_note = gr.Markdown(elem_id="ask-draft-note")
@@ -243,5 +248,7 @@ def build_ask_extras(ctx: Any, ask_session: gr.State, upload: gr.File, question:
                               [volume_note, volume_files, cache], api_name="segment_volume",
                               **ctx.model_queue())  # fmt: skip
     cancel.click(None, None, None, cancels=[run], **private)
-    if ctx.store is not None:
-        save.click(x.save_draft, [ask_session, instructor, title], draft_note, api_name="save_case_draft")
+    gate = gate or instructor_gate(ctx)
+    if gate is not None:  # the instructor comes from the login cookie, never from the session_hash's state
+        saver = gate.bind(x.save_draft, 2, name="save_case_draft", params=("ask_session", "title"))
+        save.click(saver, [ask_session, title], draft_note, api_name="save_case_draft")

@@ -2,9 +2,10 @@
 
 Students: code + pseudonym → Join → each question once (closed: pick, open: type, segmentation: draw);
 the verdict (correct / partly correct / wrong) and the reference are shown after each answer.
-Instructors (logged in here; the login is shared with the Ask tab's "save as a case draft"): create a
-session from cases, open/close it, read the plotly dashboard, download the CSV, edit answer keys.
-Every instructor action is checked by the store (`portal.instructor_access`), not only hidden here.
+Instructors (logged in once on the Instructor tab: the HttpOnly cookie, read here through
+`InstructorGate.bind`; Refresh or opening the accordion picks the login up): create a session from
+published cases, open/close it, read the plotly dashboard, download the CSV, edit answer keys. Every
+instructor action is checked by the store as well, not only hidden here.
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ from typing import Any
 import gradio as gr
 import plotly.graph_objects as go
 
-from cases import CaseStore, CaseStoreError
+from cases import CaseStore, CaseStoreError, InstructorSession
 from cases.classroom import Classroom, SessionResults
 from cases.marking import AnswerKey
-from portal.instructor_access import instructor_session, require_instructor
+from portal.instructor_access import instructor_gate, require_instructor
+from portal.instructor_auth import InstructorGate
 from portal.library_tab import HANDOFF_DIR, NO_STORE, temp_file
 from portal.quiz_tab import VERDICT_TEXT, drawn_mask
+from portal.safe_text import plain
 
-NEEDS_LOGIN = "This is an instructor action: log in above first."
+NEEDS_LOGIN = "This is an instructor action: log in on the Instructor tab first, then press Refresh here."
+SIGNED_OUT = "Not logged in as an instructor: log in on the **Instructor** tab, then press **Refresh** here."
+SIGNED_IN = "Logged in as **{name}** (on the Instructor tab)."
 JOINED = "Joined **{title}** as **{name}**: {n} questions. Pick one below."
 COLORS = {"correct": "rgb(0,158,115)", "partly correct": "rgb(240,228,66)", "wrong": "rgb(213,94,0)"}
 
@@ -44,33 +49,42 @@ def _question_label(kind: str, prompt: str, k: int) -> str:
 
 
 class ClassHandlers:
-    """Event handlers (plain methods: tested without a browser)."""
+    """Event handlers (plain methods: tested without a browser).
+
+    Instructor handlers take the session first: `InstructorGate.bind` resolves it from the login cookie
+    of each request (None for everyone else), and the store checks it again.
+    """
 
     def __init__(self, store: CaseStore) -> None:
         self.store = store
         self.room = Classroom(store)
 
     # ---- instructor ------------------------------------------------------------------------------
-    def login(self, username: str, password: str) -> tuple:
-        try:
-            session = self.store.login((username or "").strip(), password or "")
-        except CaseStoreError as err:
-            raise gr.Error(str(err)) from err
-        return session, f"Logged in as **{session.username}**.", "", self.session_menu(session)
+    def refresh(self, session: InstructorSession | None) -> tuple:
+        """(status, session menu, cases to pick, cases with keys): after a login on the Instructor tab."""
+        cases = gr.update(choices=self.case_choices(include_unpublished=False))
+        if not self.store.is_instructor(session):
+            return SIGNED_OUT, self.session_menu(None), cases, cases
+        keyed = gr.update(choices=self.case_choices(include_unpublished=True))
+        return SIGNED_IN.format(name=plain(session.username)), self.session_menu(session), cases, keyed
 
-    def session_menu(self, instructor: Any) -> Any:
-        session = instructor_session(self.store, instructor)
-        if session is None:
+    def case_choices(self, *, include_unpublished: bool) -> list[tuple[str, int]]:
+        """Dropdown choices of cases; sessions can only use published ones."""
+        return [(f"#{c.id} {c.title}{'' if c.published else ' [unpublished]'}", c.id)
+                for c in self.store.list_cases(include_unpublished=include_unpublished)]  # fmt: skip
+
+    def session_menu(self, session: InstructorSession | None) -> Any:
+        if not self.store.is_instructor(session):
             return gr.update(choices=[], value=None)
         rows = self.room.list_sessions(session)
         choices = [(f"{r.code} · {r.title} · {'open' if r.is_open else 'closed'} · {r.n_students} students", r.code)
                    for r in rows]  # fmt: skip
         return gr.update(choices=choices, value=rows[0].code if rows else None)
 
-    def create(self, instructor: Any, title: str, case_ids: list[int] | None) -> tuple:
+    def create(self, session: InstructorSession | None, title: str, case_ids: list[int] | None) -> tuple:
         """A session over every question of the chosen cases, in case order."""
         try:
-            session = require_instructor(self.store, instructor, NEEDS_LOGIN)
+            session = require_instructor(self.store, session, NEEDS_LOGIN)
             ids = [q.id for c in (case_ids or []) for q in self.store.get_case(int(c), session).questions]
             record = self.room.create_session(session, title or "", ids)
         except CaseStoreError as err:
@@ -78,18 +92,24 @@ class ClassHandlers:
         note = f"Session **{record.code}** is open: students join with this code ({len(ids)} questions)."
         return note, self.session_menu(session)
 
-    def set_open(self, instructor: Any, code: str | None, is_open: bool) -> tuple:
+    def open_session(self, session: InstructorSession | None, code: str | None) -> tuple:
+        return self.set_open(session, code, True)
+
+    def close_session(self, session: InstructorSession | None, code: str | None) -> tuple:
+        return self.set_open(session, code, False)
+
+    def set_open(self, session: InstructorSession | None, code: str | None, is_open: bool) -> tuple:
         try:
-            session = require_instructor(self.store, instructor, NEEDS_LOGIN)
+            session = require_instructor(self.store, session, NEEDS_LOGIN)
             record = self.room.set_open(session, code or "", is_open)
         except CaseStoreError as err:
             raise gr.Error(str(err)) from err
         return f"Session {record.code} is now {'open' if record.is_open else 'closed'}.", self.session_menu(session)
 
-    def dashboard(self, instructor: Any, code: str | None) -> tuple:
+    def dashboard(self, session: InstructorSession | None, code: str | None) -> tuple:
         """(summary, share figure, Dice/IoU figure, progress figure, wrong-answer rows, CSV file)."""
         try:
-            session = require_instructor(self.store, instructor, NEEDS_LOGIN)
+            session = require_instructor(self.store, session, NEEDS_LOGIN)
             results = self.room.results(session, code or "")
             csv_text = self.room.results_csv(session, code or "")
         except CaseStoreError as err:
@@ -99,17 +119,16 @@ class ClassHandlers:
         return (summary_markdown(results), share_figure(results), overlap_figure(results),
                 progress_figure(results), wrong_rows(results), str(path))  # fmt: skip
 
-    def load_key(self, instructor: Any, question_id: int | None) -> str:
+    def load_key(self, session: InstructorSession | None, question_id: int | None) -> str:
         """The question's answer key as editable JSON (its reference and synonyms when it has none)."""
-        session = instructor_session(self.store, instructor)
-        if session is None or question_id is None:
+        if not self.store.is_instructor(session) or question_id is None:
             return ""
-        question = self._question(int(question_id), session)
+        question = self._question(int(question_id))
         return json.dumps(question.key().to_json(), indent=1, ensure_ascii=False)
 
-    def save_key(self, instructor: Any, question_id: int | None, key_json: str) -> str:
+    def save_key(self, session: InstructorSession | None, question_id: int | None, key_json: str) -> str:
         try:
-            session = require_instructor(self.store, instructor, NEEDS_LOGIN)
+            session = require_instructor(self.store, session, NEEDS_LOGIN)
             if question_id is None:
                 raise gr.Error("Choose a question first.")
             key = AnswerKey.from_json(json.loads(key_json or "{}"))
@@ -120,16 +139,18 @@ class ClassHandlers:
             raise gr.Error(str(err)) from err
         return "Answer key saved: new answers are marked with it."
 
-    def key_questions(self, instructor: Any, case_id: int | None) -> Any:
-        session = instructor_session(self.store, instructor)
-        if session is None or case_id is None:
+    def key_questions(self, session: InstructorSession | None, case_id: int | None) -> Any:
+        if not self.store.is_instructor(session) or case_id is None:
             return gr.update(choices=[], value=None)
-        case = self.store.get_case(int(case_id), session)
+        try:
+            case = self.store.get_case(int(case_id), session)
+        except CaseStoreError as err:
+            raise gr.Error(str(err)) from err
         choices = [(_question_label(q.kind, q.prompt, k), q.id) for k, q in enumerate(case.questions)
                    if q.kind != "segmentation"]  # fmt: skip
         return gr.update(choices=choices, value=choices[0][1] if choices else None)
 
-    def _question(self, question_id: int, session: Any) -> Any:
+    def _question(self, question_id: int) -> Any:
         try:
             return self.room.question(question_id, published_only=False)
         except CaseStoreError as err:
@@ -257,15 +278,18 @@ def wrong_rows(results: SessionResults) -> list[list[Any]]:
 # -------------------------------------------------------------------------------------------- layout
 
 
-def build_class_tab(ctx: Any, instructor: gr.State) -> None:
-    """The Class sessions tab; `instructor` is the portal's shared instructor-session state."""
+def build_class_tab(ctx: Any, gate: InstructorGate | None = None) -> None:
+    """The Class sessions tab; instructor handlers get their session from `gate` (the login cookie).
+
+    Without a gate one is built from the context, as the Instructor tab does.
+    """
     if ctx.store is None:
         gr.Markdown(NO_STORE)
         return
     h = ClassHandlers(ctx.store)
     _student_section(h)
-    with gr.Accordion("Instructor: run a class session", open=False, elem_id="class-instructor"):
-        _instructor_section(h, ctx.store, instructor)
+    with gr.Accordion("Instructor: run a class session", open=False, elem_id="class-instructor") as accordion:
+        _instructor_section(h, gate or instructor_gate(ctx), accordion)
 
 
 def _student_section(h: ClassHandlers) -> None:
@@ -294,16 +318,14 @@ def _student_section(h: ClassHandlers) -> None:
     submit.click(h.submit, [closed, opened, editor, state], [result, questions], api_name="class_answer")
 
 
-def _instructor_section(h: ClassHandlers, store: CaseStore, instructor: gr.State) -> None:
+def _instructor_section(h: ClassHandlers, gate: InstructorGate, accordion: gr.Accordion) -> None:
     with gr.Row():
-        username = gr.Textbox(label="Instructor username", elem_id="class-username")
-        password = gr.Textbox(label="Password", type="password", elem_id="class-password")
-        login = gr.Button("Log in", elem_id="class-login")
-    status = gr.Markdown(elem_id="class-status")
-    cases = [(f"#{c.id} {c.title}", c.id) for c in store.list_cases()]
+        status = gr.Markdown(SIGNED_OUT, elem_id="class-status")
+        refresh = gr.Button("Refresh", size="sm", scale=0, elem_id="class-refresh")
+    published = h.case_choices(include_unpublished=False)
     with gr.Row():
         title = gr.Textbox(label="New session title", elem_id="class-title")
-        chosen = gr.Dropdown(cases, multiselect=True, label="Cases (all their questions)", elem_id="class-cases")
+        chosen = gr.Dropdown(published, multiselect=True, label="Cases (all their questions)", elem_id="class-cases")
         create = gr.Button("Create session", variant="primary", elem_id="class-create")
     with gr.Row():
         menu = gr.Dropdown([], label="Session", elem_id="class-menu")
@@ -318,17 +340,20 @@ def _instructor_section(h: ClassHandlers, store: CaseStore, instructor: gr.State
                          interactive=False, elem_id="class-wrong")  # fmt: skip
     csv_file = gr.File(label="Results CSV", interactive=False, elem_id="class-csv")
     with gr.Accordion("Answer keys", open=False):
-        key_case = gr.Dropdown(cases, label="Case", elem_id="class-key-case")
+        key_case = gr.Dropdown(published, label="Case", elem_id="class-key-case")
         key_question = gr.Dropdown([], label="Question", elem_id="class-key-question")
         key_json = gr.Code(language="json", label='Key: {"accepted": [...], "concepts": [[...]], "need": n, "rejected": [...]}')
         save_key = gr.Button("Save key", elem_id="class-save-key")
         key_note = gr.Markdown()
-    private = {"api_visibility": "private"}
-    login.click(h.login, [username, password], [instructor, status, password, menu], **private)
-    create.click(h.create, [instructor, title, chosen], [status, menu], **private)
-    open_btn.click(lambda s, c: h.set_open(s, c, True), [instructor, menu], [status, menu], **private)
-    close_btn.click(lambda s, c: h.set_open(s, c, False), [instructor, menu], [status, menu], **private)
-    show.click(h.dashboard, [instructor, menu], [summary, share, overlap, progress, wrong, csv_file], **private)
-    key_case.input(h.key_questions, [instructor, key_case], key_question, **private)
-    key_question.change(h.load_key, [instructor, key_question], key_json, **private)
-    save_key.click(h.save_key, [instructor, key_question, key_json], key_note, **private)
+    # Instructor events are private (the browser calls them; scripts get no endpoint) and every one
+    # resolves its session from the request's cookie: a reused session_hash carries no rights.
+    private, bind = {"api_visibility": "private"}, gate.bind
+    for trigger in (refresh.click, accordion.expand):  # the login happens on the Instructor tab
+        trigger(bind(h.refresh, 0), None, [status, menu, chosen, key_case], **private)
+    create.click(bind(h.create, 2), [title, chosen], [status, menu], **private)
+    open_btn.click(bind(h.open_session, 1), [menu], [status, menu], **private)
+    close_btn.click(bind(h.close_session, 1), [menu], [status, menu], **private)
+    show.click(bind(h.dashboard, 1), [menu], [summary, share, overlap, progress, wrong, csv_file], **private)
+    key_case.input(bind(h.key_questions, 1), [key_case], key_question, **private)
+    key_question.change(bind(h.load_key, 1), [key_question], key_json, **private)
+    save_key.click(bind(h.save_key, 2), [key_question, key_json], key_note, **private)

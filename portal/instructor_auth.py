@@ -17,7 +17,7 @@ import inspect
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gradio as gr
@@ -76,12 +76,17 @@ class InstructorGate:
                 self._hf_sessions[username] = known
             return known
 
-    def bind(self, fn: Callable[..., Any], n_inputs: int, name: str | None = None) -> Callable[..., Any]:
+    def bind(
+        self, fn: Callable[..., Any], n_inputs: int, name: str | None = None, params: Sequence[str] = ()
+    ) -> Callable[..., Any]:
         """A Gradio handler taking `n_inputs` component values and calling fn(session, *values).
 
         The session comes from the request (see `session`); the handler keeps fn's name (or `name`), so
-        the event's default api_name does not change.
+        the event's default api_name does not change. `params` names the inputs in the public API
+        (value_0, value_1, ... without it).
         """
+        if params and len(params) != n_inputs:
+            raise ValueError(f"bind: {len(params)} parameter names for {n_inputs} inputs")
         oauth = self.hf_oauth
 
         def handler(*values: Any) -> Any:
@@ -93,7 +98,8 @@ class InstructorGate:
             return fn(self.session(request, profile), *inputs)
 
         params = [
-            inspect.Parameter(f"value_{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in range(n_inputs)
+            inspect.Parameter(param, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            for param in (params or [f"value_{i}" for i in range(n_inputs)])
         ]
         params.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD))
         handler.__annotations__ = {"request": gr.Request}

@@ -100,10 +100,10 @@ def test_save_as_case_draft_is_for_instructors(parts, store: CaseStore) -> None:
     handlers, extras = parts
     session = _segmented(handlers, get_testdata_file("CT_small.dcm"))
     with pytest.raises(gr.Error, match="instructor action"):
-        extras.save_draft(session, None, "From the Ask tab")
+        extras.save_draft(None, session, "From the Ask tab")
     store.create_instructor(store.operator_session(), "teacher", "pw-for-the-test-1")
     login = store.login("teacher", "pw-for-the-test-1")
-    note = extras.save_draft(session, login, "From the Ask tab")
+    note = extras.save_draft(login, session, "From the Ask tab")
     [summary] = store.list_cases(include_unpublished=True)
     case = store.get_case(summary.id, login)
     assert f"#{summary.id}" in note and not summary.published and case.title == "From the Ask tab"

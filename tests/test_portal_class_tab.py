@@ -24,7 +24,7 @@ def setup(tmp_path: Path):
     case = store.create_case(op, sample_draft(size=(40, 40)))
     store.create_instructor(op, "teacher", PASSWORD)
     h = ClassHandlers(store)
-    login = h.login("teacher", PASSWORD)[0]
+    login = store.login("teacher", PASSWORD)  # in the portal: the Instructor tab's cookie login
     return h, store, case, login
 
 
@@ -59,6 +59,26 @@ def test_visitors_cannot_run_sessions_or_edit_keys(setup) -> None:
     with pytest.raises(gr.Error, match="instructor action"):
         h.save_key(None, case.questions[2].id, '{"accepted": ["x"]}')
     assert h.load_key(None, case.questions[2].id) == ""
+    for act in (h.open_session, h.close_session, h.dashboard):
+        with pytest.raises(gr.Error, match="instructor action"):
+            act(None, "ABCDEF")
+    store.logout(login)
+    with pytest.raises(gr.Error, match="instructor action"):
+        h.create(login, "after logout", [case.id])
+
+
+def test_refresh_picks_up_the_login_made_on_the_instructor_tab(setup) -> None:
+    """The Class tab has no login form of its own: Refresh shows the cookie's instructor and their sessions."""
+    h, store, case, login = setup
+    status, menu, cases, keyed = h.refresh(None)
+    assert "Not logged in" in status and menu["choices"] == []
+    assert cases["choices"] == [(f"#{case.id} {case.title}", case.id)]
+    h.create(login, "Monday", [case.id])
+    status, menu, cases, keyed = h.refresh(login)
+    assert "Logged in as **teacher**" in status and menu["choices"][0][0].endswith("open · 0 students")
+    store.set_published(login, case.id, False)
+    assert h.refresh(login)[2]["choices"] == []  # sessions only use published cases
+    assert h.refresh(login)[3]["choices"] == [(f"#{case.id} {case.title} [unpublished]", case.id)]
 
 
 def test_instructors_edit_an_answer_key(setup) -> None:

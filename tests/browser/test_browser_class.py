@@ -1,5 +1,7 @@
-"""A class session in a real headless Chromium (issue 21): the instructor creates it, 20 students join
-with the code and answer, the instructor reads the dashboard and downloads the CSV.
+"""A class session in a real headless Chromium (issue 21): the instructor logs in on the Instructor tab
+(the HttpOnly cookie of issue 17; the Class tab has no login of its own), creates the session on the
+Class sessions tab, 20 students join with the code and answer, the instructor reads the dashboard and
+downloads the CSV.
 
 Needs Debian's `chromium` and the `playwright` package; skipped without them. Screenshot:
 test-artifacts/class_dashboard.png.
@@ -36,7 +38,11 @@ def classroom(tmp_path_factory: pytest.TempPathFactory):
 
     from cases import CaseStore
     from cases.samples import sample_draft
+    from portal.app import launch_kwargs
     from portal.class_tab import build_class_tab
+    from portal.context import PortalSettings
+    from portal.instructor_access import instructor_gate
+    from portal.instructor_tab import build_instructor_tab
 
     store = CaseStore(str(tmp_path_factory.mktemp("class") / "class.sqlite"), seed_starter=False)
     op = store.operator_session()
@@ -44,12 +50,15 @@ def classroom(tmp_path_factory: pytest.TempPathFactory):
     store.create_instructor(op, "teacher", PASSWORD)
 
     class Ctx:
-        engine, settings = None, None
+        engine, settings = None, PortalSettings()
 
     Ctx.store = store
-    with gr.Blocks(analytics_enabled=False) as demo, gr.Tab("Class sessions"):
-        build_class_tab(Ctx, gr.State(None))
-    demo.launch(prevent_thread_lock=True, quiet=True, server_port=PORT)
+    with gr.Blocks(analytics_enabled=False) as demo:
+        with gr.Tab("Class sessions"):  # first: the students' landing tab
+            build_class_tab(Ctx, instructor_gate(Ctx))
+        with gr.Tab("Instructor"):
+            build_instructor_tab(Ctx)
+    demo.launch(prevent_thread_lock=True, quiet=True, server_port=PORT, **launch_kwargs(Ctx.settings, store))
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -70,10 +79,13 @@ def _page(browser, url: str):
 def test_create_20_students_answer_dashboard_and_csv(classroom) -> None:
     browser, url, store = classroom
     teacher_context, teacher = _page(browser, url)
-    teacher.locator("#class-instructor").get_by_text("Instructor: run a class session").click()
-    teacher.locator("#class-username input, #class-username textarea").first.fill("teacher")
-    teacher.locator("#class-password input").fill(PASSWORD)
-    teacher.locator("#class-login").click()
+    teacher.get_by_role("tab", name="Instructor").click()
+    teacher.locator("#instructor-user textarea, #instructor-user input").first.fill("teacher")
+    teacher.locator("#instructor-password input").fill(PASSWORD)
+    teacher.get_by_role("button", name="Log in").click()
+    teacher.get_by_text("Logged in as").first.wait_for()
+    teacher.get_by_role("tab", name="Class sessions").click()
+    teacher.locator("#class-instructor").get_by_text("Instructor: run a class session").click()  # refreshes
     teacher.locator("#class-status").get_by_text("Logged in as").wait_for()
     teacher.locator("#class-title textarea, #class-title input").first.fill("Week 1")
     teacher.locator("#class-cases input").click()
