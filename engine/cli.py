@@ -197,7 +197,9 @@ def add_volume_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, help="NIfTI volume, multi-frame DICOM file, or a folder of one series")
     p.add_argument("--question", required=True, help='e.g. "Please segment the brain in this image."')
     p.add_argument("--plane", default="axial", choices=("axial", "coronal", "sagittal"), help="NIfTI slicing plane")
-    p.add_argument("--save-mask", required=True, metavar="OUT.nii.gz|OUT.dcm")
+    p.add_argument("--save-mask", required=True, metavar="OUT.nii.gz|OUT.dcm",
+                   help="3-D mask on the source grid; .dcm: a DICOM SEG on the DICOM series, or for NIfTI over a "
+                        "Secondary Capture series of the slices written in OUT-source-sc/")
     p.add_argument("--model", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
@@ -208,10 +210,10 @@ def run_segment_volume(args: argparse.Namespace) -> int:
     """3-D mask on the source grid; prints slices, time per slice and the volume in mL."""
     from tqdm import tqdm
 
-    from engine.dicomseg import SegExportError
-    from engine.imageio import ImageReadError, sniff_kind
+    from engine.dicomseg import SegExportError, series_folder
+    from engine.imageio import ImageReadError, read_image, sniff_kind
     from engine.loading import ModelNotFoundError, load_engine
-    from engine.volume import VolumeError, save_volume_mask, segment_dicom, segment_nifti
+    from engine.volume import VolumeError, nifti_affine, save_volume_mask, segment_dicom, segment_loaded_nifti
 
     path = Path(args.image)
     if not path.exists():
@@ -229,21 +231,27 @@ def run_segment_volume(args: argparse.Namespace) -> int:
 
     try:
         if path.is_file() and sniff_kind(path) == "nifti":
-            result, sources = segment_nifti(eng, path, args.question, plane=args.plane, progress=progress), None
+            image = read_image(path)
+            result = segment_loaded_nifti(eng, image, nifti_affine(path), args.question, plane=args.plane,
+                                          key=str(path), progress=progress)  # fmt: skip
+            sources = None
         else:
-            result, sources = segment_dicom(eng, path, args.question, progress=progress)
-        out = save_volume_mask(result, args.save_mask, sources=sources, model_name=eng.info.name)
+            image, (result, sources) = None, segment_dicom(eng, path, args.question, progress=progress)
+        out = save_volume_mask(result, args.save_mask, sources=sources, image=image, model_name=eng.info.name)
     except (VolumeError, SegExportError, ImageReadError, ValueError) as err:
         raise UsageError(str(err)) from None
     finally:
         bar.close()
     summary = volume_json(result, str(out))
+    if image is not None and out.suffix == ".dcm":
+        summary["secondary_capture"] = str(series_folder(out))
     if args.json:
         print(json.dumps(summary))
     else:
         ml = "unknown (no voxel size)" if result.volume_ml is None else f"{result.volume_ml:.2f} mL"
+        sc = f" (over the Secondary Captures in {summary['secondary_capture']})" if "secondary_capture" in summary else ""
         print(f"{result.n_slices} slices ({result.slices_with_mask} with mask), shape {list(result.mask.shape)}, "
-              f"volume {ml}, {result.seconds_per_slice:.3f} s per slice -> {out}")  # fmt: skip
+              f"volume {ml}, {result.seconds_per_slice:.3f} s per slice -> {out}{sc}")  # fmt: skip
     return 0
 
 

@@ -4,6 +4,10 @@
   and frames), so PACS viewers and 3D Slicer overlay it on the original series.
 - PNG / JPEG / NIfTI input: there is no DICOM instance to point at, so a Secondary Capture of the image
   that was shown (the (H, W, 3) RGB the model saw) is written too, and the SEG references it.
+- A NIfTI volume: one Secondary Capture per segmented slice (a series in `<out stem>-source-sc/`) and one
+  multi-frame SEG, frame k on instance k. The SC IOD has no Image Plane module, so each SC carries the
+  slice's position, orientation and spacing (from the NIfTI affine) as standard-extended attributes with a
+  shared Frame of Reference; viewers that ignore them still get PatientOrientation and PixelSpacing.
 
 No torch here: the portal and the CLI both call these functions with numpy masks.
 """
@@ -25,6 +29,9 @@ SOFTWARE_VERSION = "medplib-portal 1"
 SEG_SERIES_NUMBER = 900
 SC_SERIES_NUMBER = 901
 SC_SUFFIX = "-source-sc.dcm"  # the Secondary Capture written beside a SEG of a non-DICOM image
+SC_SERIES_SUFFIX = "-source-sc"  # the folder of a volume's Secondary Capture series beside its SEG
+ORIENTATION_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, -x / +y, -y / +z, -z in DICOM LPS
+ORTHOGONAL_TOLERANCE = 1e-4  # |row . column| above this: a sheared affine, which DICOM images cannot carry
 
 
 class SegExportError(ValueError):
@@ -36,8 +43,36 @@ class SegFiles:
     """What was written: the SEG and, for non-DICOM input, the Secondary Capture it references."""
 
     seg: Path
-    secondary_capture: Path | None
+    secondary_capture: Path | None  # one SC file, or the folder of a volume's SC series
     referenced_sop_instance_uids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Where a displayed slice lies, in DICOM patient coordinates (LPS, mm): its Image Plane attributes.
+
+    position: centre of the first (top-left) pixel; row_cosine: direction of increasing column;
+    column_cosine: direction of increasing row; spacing_mm: (between rows, between columns);
+    thickness_mm: distance between neighbouring slices.
+    """
+
+    position: tuple[float, float, float]
+    row_cosine: tuple[float, float, float]
+    column_cosine: tuple[float, float, float]
+    spacing_mm: tuple[float, float]
+    thickness_mm: float
+
+    @property
+    def patient_orientation(self) -> tuple[str, str]:
+        """PatientOrientation letters of the row and column directions, main axis first ('L', 'P'; 'LP' if oblique)."""
+        return orientation_letters(self.row_cosine), orientation_letters(self.column_cosine)
+
+
+def orientation_letters(cosine: Sequence[float], minor: float = 0.1) -> str:
+    """DICOM LPS direction → PatientOrientation letters, largest component first (components under `minor` left out)."""
+    order = sorted(range(3), key=lambda axis: -abs(cosine[axis]))
+    letters = [ORIENTATION_LETTERS[a][0 if cosine[a] > 0 else 1] for a in order if abs(cosine[a]) >= minor]
+    return "".join(letters) or "L"
 
 
 def _segment_description(label: str, model_name: str):  # -> hd.seg.SegmentDescription
@@ -88,8 +123,12 @@ def build_seg(sources: Sequence, mask: np.ndarray, label: str, model_name: str =
             raise SegExportError(f"cannot build a DICOM SEG on this source ({err})") from err
 
 
-def secondary_capture(rgb: np.ndarray, spacing_mm: tuple[float, float] | None = None, name: str = ""):
-    """A DICOM Secondary Capture of the displayed (H, W, 3) uint8 RGB image, anonymous patient."""
+def secondary_capture(rgb: np.ndarray, spacing_mm: tuple[float, float] | None = None, name: str = "", *,
+                      orientation: tuple[str, str] = ("L", "P")):  # fmt: skip
+    """A DICOM Secondary Capture of the displayed (H, W, 3) uint8 RGB image, anonymous patient.
+
+    orientation: PatientOrientation (row direction, column direction); ("L", "P") is an axial display.
+    """
     import highdicom as hd
 
     image = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
@@ -101,7 +140,7 @@ def secondary_capture(rgb: np.ndarray, spacing_mm: tuple[float, float] | None = 
             pixel_array=image, photometric_interpretation=hd.PhotometricInterpretationValues.RGB, bits_allocated=8,
             coordinate_system=hd.CoordinateSystemNames.PATIENT, study_instance_uid=hd.UID(),
             series_instance_uid=hd.UID(), sop_instance_uid=hd.UID(), series_number=SC_SERIES_NUMBER,
-            instance_number=1, manufacturer=MANUFACTURER, patient_orientation=("L", "P"),
+            instance_number=1, manufacturer=MANUFACTURER, patient_orientation=orientation,
             patient_name="Anonymous^", patient_id="none", pixel_spacing=spacing_mm,
             series_description=f"Displayed image {name}"[:64],
         )  # fmt: skip
@@ -169,6 +208,66 @@ def write_seg_for_display(
     sc.save_as(sc_path)
     seg.save_as(out)
     return SegFiles(out, sc_path, (str(sc.SOPInstanceUID),))
+
+
+def secondary_capture_series(rgbs: Sequence[np.ndarray], geometry: Sequence[SliceGeometry], *,
+                             name: str = "") -> list:  # fmt: skip
+    """One Secondary Capture per (H, W, 3) uint8 slice, one study and series, InstanceNumber 1..N.
+
+    geometry: one SliceGeometry per slice: the Image Plane attributes and a shared Frame of Reference (a SEG
+    of more than one frame needs them to tell the frames apart).
+    """
+    import highdicom as hd
+
+    if len(geometry) != len(rgbs):
+        raise SegExportError(f"need one slice geometry per slice: {len(rgbs)} slices, {len(geometry)} geometries")
+    study, series, frame_of_reference = hd.UID(), hd.UID(), hd.UID()
+    instances = []
+    for index, (rgb, where) in enumerate(zip(rgbs, geometry, strict=True)):
+        sc = secondary_capture(rgb, where.spacing_mm, name, orientation=where.patient_orientation)
+        sc.StudyInstanceUID, sc.SeriesInstanceUID, sc.InstanceNumber = study, series, index + 1
+        _place(sc, where, frame_of_reference)
+        instances.append(sc)
+    return instances
+
+
+def _place(sc, where: SliceGeometry, frame_of_reference: str) -> None:
+    """Image Plane and Frame of Reference attributes on an SC (a standard extended SOP instance)."""
+    sc.FrameOfReferenceUID = frame_of_reference
+    sc.PositionReferenceIndicator = ""
+    sc.ImagePositionPatient = [round(float(v), 4) + 0.0 for v in where.position]  # + 0.0: no "-0.0" in the file
+    sc.ImageOrientationPatient = [round(float(v), 6) + 0.0 for v in (*where.row_cosine, *where.column_cosine)]
+    sc.PixelSpacing = [round(float(v), 6) for v in where.spacing_mm]
+    sc.SliceThickness = round(float(where.thickness_mm), 6)
+
+
+def series_folder(out: str | Path) -> Path:
+    """The folder of the SC series written beside the SEG `out` (`brain.dcm` → `brain-source-sc/`)."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".dcm") + SC_SERIES_SUFFIX)
+
+
+def write_seg_for_display_series(
+    rgbs: Sequence[np.ndarray], masks: np.ndarray, out: str | Path, *, label: str,
+    geometry: Sequence[SliceGeometry], model_name: str = "", name: str = "",
+) -> SegFiles:  # fmt: skip
+    """A multi-frame SEG over a Secondary Capture series of the displayed slices (a NIfTI volume).
+
+    rgbs: N (H, W, 3) uint8 slices as displayed; masks: (N, H, W) bool, plane k drawn on slice k. Writes
+    `<out stem>-source-sc/NNNN.dcm` (InstanceNumber order) and the SEG at `out`, frame k → instance k.
+    """
+    stack = np.asarray(masks, bool)
+    if stack.ndim != 3 or stack.shape[0] != len(rgbs):
+        raise SegExportError(f"need one mask plane per slice: {len(rgbs)} slices, masks {stack.shape}")
+    instances = secondary_capture_series(rgbs, geometry, name=name)
+    folder = series_folder(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    for sc in instances:
+        sc.save_as(folder / f"{int(sc.InstanceNumber):04d}.dcm")
+    seg = build_seg(instances, stack, label, model_name)
+    out = Path(out)
+    seg.save_as(out)
+    return SegFiles(out, folder, tuple(str(sc.SOPInstanceUID) for sc in instances))
 
 
 def read_seg_mask(path: str | Path) -> np.ndarray:

@@ -10,6 +10,10 @@ Source grid:
   order, so the written mask has exactly the source's shape and affine.
 - DICOM: a multi-frame file or a folder of single-frame instances (sorted along the slice normal); the mask
   has one plane per source frame/instance, (F, Rows, Columns).
+
+DICOM SEG out: DICOM input → a SEG on the source instances; NIfTI → a SEG over a Secondary Capture series
+of the displayed slices (same windowing, same voxels: the display is flips and a transpose, no resampling),
+placed in the patient by the NIfTI affine (`display_geometry`).
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from engine.dicomseg import SegFiles, SliceGeometry
 
 logger = logging.getLogger(__name__)
 
@@ -138,18 +145,21 @@ def segment_nifti(
     progress: Progress | None = None,
 ) -> VolumeMask:  # fmt: skip
     """Segment every `plane` slice of a NIfTI volume; the mask has the file's shape (3-D) and affine."""
-    import nibabel as nib
-
     from engine.imageio import read_image
 
     image = read_image(path)
     if image.kind != "nifti":
         raise VolumeError(f"{Path(path).name} is not NIfTI; use a NIfTI volume or a DICOM series")
-    source = nib.load(str(path))
     return segment_loaded_nifti(
-        engine, image, np.asarray(source.affine, float), question, plane=plane, key=str(path), cache=cache,
-        progress=progress,
-    )  # fmt: skip
+        engine, image, nifti_affine(path), question, plane=plane, key=str(path), cache=cache, progress=progress
+    )
+
+
+def nifti_affine(path: str | Path) -> np.ndarray:
+    """The (4, 4) affine of a NIfTI file as stored (the grid the 3-D mask is written on)."""
+    import nibabel as nib
+
+    return np.asarray(nib.load(str(path)).affine, float)
 
 
 def segment_loaded_nifti(
@@ -221,6 +231,72 @@ def assemble_ras(masks: list[np.ndarray], shape: tuple[int, ...], plane: str) ->
     return volume
 
 
+def display_slices(mask: np.ndarray, source_affine: np.ndarray, plane: str) -> np.ndarray:
+    """A mask in the file's voxel order → (N, H, W) bool planes as the slices are displayed (inverse of
+    `assemble_ras` + `from_canonical`; the same indexing as `imageio.slice_nifti`)."""
+    import nibabel as nib
+
+    ras = nib.orientations.apply_orientation(np.asarray(mask, bool), nib.orientations.io_orientation(source_affine))
+    if plane == "axial":
+        return np.stack([ras[::-1, ::-1, k].T for k in range(ras.shape[2])])
+    if plane == "coronal":
+        return np.stack([ras[::-1, k, ::-1].T for k in range(ras.shape[1])])
+    if plane == "sagittal":
+        return np.stack([ras[k, ::-1, ::-1].T for k in range(ras.shape[0])])
+    raise VolumeError(f"plane must be axial, coronal or sagittal, got {plane!r}")
+
+
+# The RAS+ voxel axes along a displayed slice's columns, rows and normal (imageio.slice_nifti walks the column
+# and row axes backwards: pixel (r, c) of axial slice k is voxel (X-1-c, Y-1-r, k)).
+_DISPLAY_AXES = {"axial": (0, 1, 2), "coronal": (0, 2, 1), "sagittal": (1, 2, 0)}  # (column, row, normal) axes
+
+
+def display_geometry(ras_affine: np.ndarray, ras_shape: tuple[int, ...], plane: str, index: int) -> SliceGeometry | None:
+    """Where displayed slice `index` lies (engine.dicomseg.SliceGeometry, DICOM LPS mm), from the RAS+ affine.
+
+    The display walks the column and row voxel axes backwards (imageio.slice_nifti), so +column = -axis and
+    the first pixel is the last voxel on both. None when the affine is sheared (DICOM planes are orthogonal).
+    """
+    from engine.dicomseg import ORTHOGONAL_TOLERANCE, SliceGeometry
+
+    col_axis, row_axis, normal_axis = _DISPLAY_AXES[plane]
+    affine = np.asarray(ras_affine, float)
+    first = np.zeros(3)
+    first[col_axis], first[row_axis], first[normal_axis] = ras_shape[col_axis] - 1, ras_shape[row_axis] - 1, index
+    to_lps = np.array([-1.0, -1.0, 1.0])  # NIfTI world is RAS, DICOM patient space is LPS
+    along_col, along_row = -affine[:3, col_axis] * to_lps, -affine[:3, row_axis] * to_lps
+    col_mm, row_mm = float(np.linalg.norm(along_col)), float(np.linalg.norm(along_row))
+    row_cosine, column_cosine = along_col / col_mm, along_row / row_mm
+    if abs(float(np.dot(row_cosine, column_cosine))) > ORTHOGONAL_TOLERANCE:
+        return None
+    return SliceGeometry(
+        position=tuple((affine[:3, :3] @ first + affine[:3, 3]) * to_lps), row_cosine=tuple(row_cosine),
+        column_cosine=tuple(column_cosine), spacing_mm=(row_mm, col_mm),
+        thickness_mm=float(np.linalg.norm(affine[:3, normal_axis])),
+    )  # fmt: skip
+
+
+def write_nifti_seg(image: Any, result: VolumeMask, out: str | Path, *, model_name: str = "") -> SegFiles:
+    """A NIfTI volume's 3-D mask as a multi-frame DICOM SEG over a Secondary Capture series of its slices.
+
+    image: the `engine.imageio.LoadedImage` that was segmented; the SCs are `to_rgb` of each slice in
+    `result.plane` (the windowing the model saw and the portal shows). Returns the SEG and SC folder paths.
+    """
+    from engine.dicomseg import write_seg_for_display_series
+    from engine.imageio import n_slices, to_rgb
+
+    if result.affine is None or image.kind != "nifti":
+        raise VolumeError("a Secondary Capture series is written for a NIfTI volume only")
+    plane, n = result.plane, n_slices(image, result.plane)
+    planes = display_slices(result.mask, result.affine, plane)
+    geometry = [display_geometry(image.affine, image.volume.shape[:3], plane, k) for k in range(n)]
+    if any(g is None for g in geometry):
+        raise VolumeError("the NIfTI affine is sheared and DICOM images must be orthogonal; save the mask as .nii.gz")
+    rgbs = [to_rgb(image, k, plane) for k in range(n)]
+    return write_seg_for_display_series(rgbs, planes, out, label=result.label, geometry=geometry,
+                                        model_name=model_name, name=f"{plane} slices")  # fmt: skip
+
+
 def from_canonical(canonical: np.ndarray, source_affine: np.ndarray) -> np.ndarray:
     """A RAS+ (closest canonical) array → the voxel order of the file whose affine is `source_affine`."""
     import nibabel as nib
@@ -269,8 +345,13 @@ def _dataset_rgb(ds: Any) -> np.ndarray:
         return to_rgb(read_image(handle.name))
 
 
-def save_volume_mask(result: VolumeMask, out: str | Path, *, sources: list | None = None, model_name: str = "") -> Path:
-    """Write the 3-D mask as NIfTI (`.nii`/`.nii.gz`, the source affine) or DICOM SEG (`.dcm`, DICOM input)."""
+def save_volume_mask(result: VolumeMask, out: str | Path, *, sources: list | None = None, image: Any = None,
+                     model_name: str = "") -> Path:  # fmt: skip
+    """Write the 3-D mask as NIfTI (`.nii`/`.nii.gz`, the source affine) or DICOM SEG (`.dcm`).
+
+    `.dcm`: with `sources` (DICOM input) a SEG on them; with `image` (the NIfTI LoadedImage that was
+    segmented) a SEG over a Secondary Capture series written in `<out stem>-source-sc/`.
+    """
     import nibabel as nib
 
     out = Path(out)
@@ -281,8 +362,10 @@ def save_volume_mask(result: VolumeMask, out: str | Path, *, sources: list | Non
         nib.save(nib.Nifti1Image(data.astype(np.uint8), affine), str(out))
         return out
     if out.suffix == ".dcm":
+        if not sources and image is not None and result.affine is not None:
+            return write_nifti_seg(image, result, out, model_name=model_name).seg
         if not sources:
-            raise VolumeError("a DICOM SEG of a volume needs DICOM input; write .nii.gz for a NIfTI volume")
+            raise VolumeError("a DICOM SEG of a volume needs the DICOM series or the NIfTI image it was drawn on")
         from engine.dicomseg import build_seg
 
         build_seg(sources, result.mask, result.label, model_name).save_as(out)

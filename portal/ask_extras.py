@@ -21,9 +21,10 @@ import numpy as np
 from cases import CaseDraft, CaseStoreError, ImageDraft, InstructorSession, MaskDraft, QuestionDraft
 from cases.records import ModelOutputDraft
 from engine import imageio, processing
-from engine.dicomseg import SegExportError, build_seg, write_seg_for_display
+from engine.dicomseg import SegExportError, build_seg, series_folder, write_seg_for_display
 from engine.volume import (
     SliceCache,
+    VolumeError,
     VolumeMask,
     frames_result,
     iter_slice_masks,
@@ -144,14 +145,20 @@ class AskExtras:
             result = nifti_result(masks, image.volume.shape[:3], affine, plane, text, per_slice)
         else:
             result = frames_result(masks, per_slice, source.dicom if source else None, text)
-        yield volume_summary(result), self._save_volume(result, source), cache
+        yield volume_summary(result), self._save_volume(result, source, image), cache
 
-    def _save_volume(self, result: VolumeMask, source: SourceInfo | None) -> list[str]:
+    def _save_volume(self, result: VolumeMask, source: SourceInfo | None, image: Any = None) -> list[str]:
         folder = export_folder()
         files = [save_volume_mask(result, folder / "volume-mask.nii.gz")]
+        name = self.ctx.engine.info.name
         if source is not None and source.dicom is not None:
-            files.append(save_volume_mask(result, folder / "volume-seg.dcm", sources=[source.dicom],
-                                          model_name=self.ctx.engine.info.name))  # fmt: skip
+            files.append(save_volume_mask(result, folder / "volume-seg.dcm", sources=[source.dicom], model_name=name))
+        elif image is not None and result.affine is not None:  # NIfTI: the SEG and its SC series, one zip
+            try:
+                seg = save_volume_mask(result, folder / "volume-seg.dcm", image=image, model_name=name)
+                files.append(zip_with_series(seg, folder / texts.VOLUME_SEG_ZIP))
+            except (VolumeError, SegExportError) as err:
+                gr.Warning(str(err))
         return [str(f) for f in files]
 
     # ---- save as a case draft --------------------------------------------------------------------
@@ -168,6 +175,18 @@ class AskExtras:
         except CaseStoreError as err:
             raise gr.Error(str(err)) from err
         return texts.DRAFT_SAVED.format(id=record.id, slug=record.summary.slug)
+
+
+def zip_with_series(seg: Path, out: Path) -> Path:
+    """A zip of the SEG and the Secondary Capture series folder written beside it (kept as a folder inside)."""
+    import zipfile
+
+    folder = series_folder(seg)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(seg, seg.name)
+        for part in sorted(folder.iterdir()):
+            archive.write(part, f"{folder.name}/{part.name}")
+    return out
 
 
 def volume_summary(result: VolumeMask) -> str:

@@ -152,7 +152,8 @@ VOLUME_DONE = (
     "**{label}**: {voxels:,} voxels on {with_mask} of {n} slices · **{volume}** · {per_slice:.2f} s per slice"
     " (shape {shape})"
 )
-VOLUME_FILES_LABEL = "3-D mask on the source grid (NIfTI; DICOM SEG for DICOM input)"
+VOLUME_FILES_LABEL = "3-D mask on the source grid (NIfTI; DICOM SEG, for NIfTI zipped with its Secondary Captures)"
+VOLUME_SEG_ZIP = "volume-seg-dicom.zip"  # a NIfTI volume's SEG and the Secondary Capture series it references
 VOLUME_UNKNOWN_ML = "volume unknown (no voxel size)"
 VOLUME_CACHE_ENTRIES = 256  # slice embeddings kept per browser for a second question on the same volume
 DRAFT_TITLE_LABEL = "Case title (instructor)"

@@ -118,3 +118,101 @@ def test_segment_volume_on_a_dicom_series_writes_a_seg(tmp_path: Path) -> None:
     seg = pydicom.dcmread(out)
     assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 3
     assert json.loads(proc.stdout)["shape"] == [3, base.Rows, base.Columns]
+
+
+def _source_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    source = nib.load(str(path))
+    return source.get_fdata() > 100, np.asarray(source.affine, float)
+
+
+def _sc_series(folder: Path) -> list[pydicom.Dataset]:
+    return sorted((pydicom.dcmread(p) for p in folder.glob("*.dcm")), key=lambda ds: int(ds.InstanceNumber))
+
+
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
+def test_nifti_volume_seg_references_a_secondary_capture_series(lps_volume: Path, tmp_path: Path, plane: str) -> None:
+    """SEG of a NIfTI volume: one SC per displayed slice, frame k on SC k, and the 3-D mask comes back exactly."""
+    import highdicom as hd
+
+    from engine.imageio import n_slices, to_rgb
+    from engine.volume import VolumeMask, display_slices, write_nifti_seg
+
+    mask, affine = _source_mask(lps_volume)
+    image = read_image(lps_volume)
+    result = VolumeMask(mask=mask, affine=affine, voxel_ml=None, n_slices=n_slices(image, plane), slices_with_mask=0,
+                        seconds_per_slice=0.0, plane=plane, label="brain")  # fmt: skip
+    files = write_nifti_seg(image, result, tmp_path / "brain.dcm")
+    series = _sc_series(files.secondary_capture)
+    assert len(series) == n_slices(image, plane) and files.referenced_sop_instance_uids == tuple(
+        str(ds.SOPInstanceUID) for ds in series
+    )
+    seg = hd.seg.segread(str(files.seg))
+    referenced = seg.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == series[0].SeriesInstanceUID
+    assert {r.ReferencedSOPInstanceUID for r in referenced.ReferencedInstanceSequence} == {
+        ds.SOPInstanceUID for ds in series
+    }
+    shown = display_slices(mask, affine, plane)
+    for frame in seg.PerFrameFunctionalGroupsSequence:  # each frame derives from the SC of its own slice
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        k = [str(ds.SOPInstanceUID) for ds in series].index(uid)
+        assert np.array_equal(series[k].pixel_array, to_rgb(image, k, plane))  # the windowing the model saw
+    planes = read_seg_mask(files.seg)
+    assert np.array_equal(planes, shown)
+    back = from_canonical(assemble_ras(list(planes), image.volume.shape, plane), affine)
+    assert back.shape == mask.shape and np.array_equal(back, mask)
+
+
+def test_secondary_capture_geometry_lands_on_the_nifti_voxels(lps_volume: Path, tmp_path: Path) -> None:
+    """Every SC pixel's patient position (IPP + IOP × spacing), mapped through the NIfTI affine, is the voxel
+    whose mask value the SEG holds there: the geometry written is the source's, not a made-up one."""
+    from engine.volume import VolumeMask, write_nifti_seg
+
+    mask, affine = _source_mask(lps_volume)
+    image = read_image(lps_volume)
+    result = VolumeMask(mask=mask, affine=affine, voxel_ml=None, n_slices=40, slices_with_mask=0,
+                        seconds_per_slice=0.0, plane="sagittal", label="brain")  # fmt: skip
+    files = write_nifti_seg(image, result, tmp_path / "brain.dcm")
+    planes = read_seg_mask(files.seg)
+    for k, ds in enumerate(_sc_series(files.secondary_capture)):
+        rows, cols = np.meshgrid(np.arange(ds.Rows), np.arange(ds.Columns), indexing="ij")
+        iop, (dr, dc) = np.asarray(ds.ImageOrientationPatient, float), (float(v) for v in ds.PixelSpacing)
+        lps = (np.asarray(ds.ImagePositionPatient, float)[:, None, None] + iop[:3, None, None] * cols * dc
+               + iop[3:, None, None] * rows * dr)  # fmt: skip
+        ras = lps * np.array([-1.0, -1.0, 1.0])[:, None, None]
+        ijk = np.tensordot(np.linalg.inv(affine)[:3, :3], ras, axes=1) + np.linalg.inv(affine)[:3, 3, None, None]
+        voxels = np.rint(ijk).astype(int)
+        assert np.allclose(ijk, voxels, atol=1e-3)
+        assert np.array_equal(mask[voxels[0], voxels[1], voxels[2]], planes[k])
+        assert ds.PatientOrientation == ["P", "F"]  # sagittal display: columns go posterior, rows go down
+
+
+def test_sheared_nifti_is_refused_with_a_way_out(tmp_path: Path) -> None:
+    """DICOM pixel grids are orthogonal: a sheared NIfTI gets a clear refusal, not a SEG with invented geometry."""
+    from engine.volume import VolumeError, VolumeMask, write_nifti_seg
+
+    affine = np.array([[1.0, 0.4, 0, 0], [0, 1.0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
+    data = np.zeros((12, 10, 3), np.float32)
+    data[3:8, 2:6, 1] = 100
+    path = tmp_path / "sheared.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    result = VolumeMask(mask=data > 50, affine=affine, voxel_ml=None, n_slices=3, slices_with_mask=1,
+                        seconds_per_slice=0.0, plane="axial", label="box")  # fmt: skip
+    with pytest.raises(VolumeError, match="sheared.*nii.gz"):
+        write_nifti_seg(read_image(path), result, tmp_path / "box.dcm")
+    assert not (tmp_path / "box.dcm").exists()
+
+
+def test_segment_volume_cli_writes_a_seg_for_a_nifti_volume(lps_volume: Path, tmp_path: Path) -> None:
+    """Issue 21: `segment-volume --save-mask OUT.dcm` on a NIfTI volume was refused; it writes a SEG over SCs."""
+    out = tmp_path / "brain.dcm"
+    proc = _run("segment-volume", "--image", str(lps_volume), "--question", BRAIN, "--save-mask", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    series = _sc_series(Path(record["secondary_capture"]))
+    seg = pydicom.dcmread(out)
+    assert len(series) == 6 and seg.NumberOfFrames == 6 and record["seconds_per_slice"] > 0
+    assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 6
+    image = read_image(lps_volume)
+    back = from_canonical(assemble_ras(list(read_seg_mask(out)), image.volume.shape, "axial"), _source_mask(lps_volume)[1])
+    assert back.shape == nib.load(str(lps_volume)).shape and int(back.sum()) == record["voxels"]

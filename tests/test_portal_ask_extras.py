@@ -137,3 +137,27 @@ def test_cancel_stops_between_slices(parts, tmp_path: Path) -> None:
     finally:
         engine.set_image = original
     assert "slice 2 of 8" in first[1][0] and len(calls) == 2
+
+
+def test_volume_button_offers_a_dicom_seg_for_a_nifti_volume(parts, tmp_path: Path) -> None:
+    """Issue 21: the whole-volume download had a DICOM SEG for DICOM input only; a NIfTI volume gets one too,
+    zipped with the Secondary Capture series it references."""
+    import zipfile
+
+    handlers, extras = parts
+    data = np.zeros((24, 20, 4), np.float32)
+    data[6:18, 4:16, 1:3] = 300
+    path = tmp_path / "n.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([-2.0, 1.5, 3.0, 1.0])), str(path))
+    session = handlers.load(str(path), False)[0]
+    *_, (_note, files, _cache) = extras.segment_volume(session, read_source(str(path)), "Please segment the lesion.",
+                                                       None, progress=_NoProgress())  # fmt: skip
+    nifti, bundle = files
+    assert Path(bundle).name == texts.VOLUME_SEG_ZIP
+    with zipfile.ZipFile(bundle) as archive:
+        archive.extractall(tmp_path / "unzipped")
+    seg = pydicom.dcmread(tmp_path / "unzipped" / "volume-seg.dcm")
+    series = sorted((tmp_path / "unzipped" / "volume-seg-source-sc").glob("*.dcm"))
+    assert len(series) == 4 and len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 4
+    planes = read_seg_mask(tmp_path / "unzipped" / "volume-seg.dcm")
+    assert int(planes.sum()) == int(np.asarray(nib.load(nifti).dataobj).sum())
