@@ -27,10 +27,10 @@ def front_matter() -> tuple[dict, str]:
 
 
 def pinned(package: str) -> str:
-    line = next(
-        li for li in (REPO / "requirements.txt").read_text().splitlines() if li.startswith(f"{package}==")
-    )
-    return line.split("==")[1].strip()
+    """The version requirements.txt pins for `package` (extras such as gradio[oauth] allowed)."""
+    pattern = re.compile(rf"^{re.escape(package)}(\[[\w,]+\])?==(\S+)")
+    matches = (pattern.match(li) for li in (REPO / "requirements.txt").read_text().splitlines())
+    return next(m.group(2) for m in matches if m)
 
 
 def test_readme_front_matter_describes_the_space():

@@ -117,8 +117,11 @@ def test_uploads_over_the_size_limit_get_413(served):
     assert response.status_code == 413
 
 
-def test_app_entry_point_arguments():
+def test_app_entry_point_arguments(monkeypatch):
     import app
+
+    for name in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "MEDPLIB_MODEL", "MEDPLIB_DEVICE", "MEDPLIB_QUANT"):
+        monkeypatch.delenv(name, raising=False)  # the defaults without a Space's environment
 
     args = app.parse_args([])
     assert (args.host, args.port, args.share, args.model, args.db) == ("127.0.0.1", 7860, False, None, None)

@@ -17,7 +17,8 @@ from portal.app import build_app, launch_kwargs
 
 PORT = 7884  # this test's port (7881-7889 belong to the deployment tests)
 SCRIPTED = {"/load_image", "/mark_region", "/ask", "/segment", "/search_cases", "/open_case", "/quiz_start",
-            "/quiz_question", "/quiz_submit"}  # fmt: skip
+            "/quiz_question", "/quiz_submit", "/mask_dicom_seg", "/segment_volume", "/save_case_draft",
+            "/class_join", "/class_answer"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
