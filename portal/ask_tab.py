@@ -22,6 +22,7 @@ from portal import ask_session as steps
 from portal import exports, texts, uploads
 from portal.ask_session import AskSession, UserInputError
 from portal.context import PortalContext
+from portal.refusals import refuse
 from portal.regions import RegionMarks
 from portal.routing_plot import routing_figure
 from portal.safe_text import plain
@@ -32,17 +33,6 @@ MAX_EXAMPLES = 8
 WINDOW_CHOICES = [imageio.AUTO, *imageio.WINDOW_PRESETS]
 N_VIEW_OUTPUTS = 14  # session, info, slider, plane, window, preview, editor, model input, chat, overlay, ...
 N_TALK_OUTPUTS = 7  # session, chat, question, overlay, area, downloads, routing plot
-
-
-def refuse(message: str, n_outputs: int) -> tuple:
-    """A user mistake: one readable message, every output unchanged, one log line without a traceback.
-
-    The message is HTML-escaped, so text such as `<region>` is shown as text (the toast renders HTML).
-    Messages never contain file names or the user's own text.
-    """
-    gr.Warning(html.escape(message))
-    logger.info("ask tab refused a request: %s", message[:160])
-    return tuple(gr.skip() for _ in range(n_outputs))
 
 
 def model_queue_length(blocks: Any) -> int:

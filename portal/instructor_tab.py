@@ -5,6 +5,10 @@ de-identified (`cases.deid`, PS3.15 Annex E) before their pixels are read, and P
 stripped by re-encoding; only the pixels (and pixel spacing) are stored. Files whose burned-in
 annotation status is not "NO" can only be published after the instructor confirms the pixels were
 checked. Every action goes through `CaseStore` methods that refuse sessions not issued by `login`.
+
+The raw upload leaves Gradio's cache on its first read (`portal.uploads.PrivateUploads`): re-reads of another
+slice use the session's private copy, deleted on a new upload, a saved case or a closed tab. A user mistake is
+one warning with every output unchanged (`portal.refusals`), never a red error over the form.
 """
 
 from __future__ import annotations
@@ -40,13 +44,16 @@ from portal.exports import write_private
 from portal.instructor_auth import LOGIN_JS, LOGOUT_JS, InstructorGate
 from portal.library_tab import NO_STORE, temp_file
 from portal.quiz_tab import BRUSH_COLOR, drawn_mask
-from portal.safe_text import html_text, plain
+from portal.refusals import UserMistake, refusing
+from portal.safe_text import plain
+from portal.uploads import PrivateUploads, UploadGone
 
 PLANES = ("axial", "coronal", "sagittal")
 AUDIT_SHOWN = 50
 LOGGED_OUT = "Not logged in. Instructor accounts are created with `python -m cases add-instructor NAME`."
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 EXPORT_DIR = Path(tempfile.gettempdir()) / "medplib-portal-exports"
+PICK_A_CASE = "Pick a case first."
 EDIT_WARNING = (
     "Saving changes replaces the case's images, masks and questions: quiz attempts and cached model answers "
     "of the old questions are deleted. Export the quiz results first if you need them."
@@ -62,6 +69,7 @@ class LoadedUpload:
     modality: str | None
     needs_review: bool
     note: str
+    owner: str | None = None  # the browser session holding the private copy of the raw upload, if any
 
 
 def read_upload(
@@ -202,13 +210,14 @@ def form_from_case(case: CaseRecord) -> CaseForm:
 class InstructorHandlers:
     """Event handlers of the instructor tab (plain methods: tested without a browser)."""
 
-    def __init__(self, store: CaseStore) -> None:
+    def __init__(self, store: CaseStore, uploads: PrivateUploads | None = None) -> None:
         self.store = store
+        self.uploads = uploads if uploads is not None else PrivateUploads(max_idle_s=texts.SESSION_TTL_S)
 
     def login(
         self, username: str, password: str, client: str = "local"
     ) -> tuple[InstructorSession, str, Any, Any]:
-        """Programmatic login (tests, scripts); the web UI logs in through portal.instructor_auth."""
+        """Programmatic login (tests, scripts; raises UserMistake); the web UI logs in through instructor_auth."""
         session = self._call(self.store.login, username.strip(), password, client)
         return session, *self.after_login(session, username, "")
 
@@ -227,13 +236,15 @@ class InstructorHandlers:
             self.store.logout(session)
         return LOGGED_OUT, gr.update(choices=[], value=None), gr.update(visible=False)
 
+    @refusing(2)
     def confirm_review(self, session: InstructorSession | None, case_id: int | None) -> tuple:
         """Record that this instructor checked the picked case's pixels for burned-in text."""
         if case_id is None:
-            raise gr.Error("Pick a case first.")
+            raise UserMistake(PICK_A_CASE)
         summary = self._call(self.store.confirm_burned_in_review, session, int(case_id))
         return f"Burned-in review of case #{summary.id} recorded.", self.case_menu(session)
 
+    @refusing(2)
     def export_audit(self, session: InstructorSession | None) -> tuple[str, list[list[Any]]]:
         """The audit log (who did what to which case, when): a CSV file and its latest AUDIT_SHOWN rows."""
         text = self._call(self.store.audit_csv, session)
@@ -253,19 +264,45 @@ class InstructorHandlers:
                    for c in cases]  # fmt: skip
         return gr.update(choices=choices, value=None)
 
-    def read(self, file: str | None, plane: str, index: float, preset: str) -> tuple[LoadedUpload, Any, str]:
+    @refusing(0)
+    def keep(self, file: str | None, request: gr.Request | None = None) -> None:
+        """A new upload: move it out of Gradio's cache at once (see `read`), before "Read image" is pressed."""
+        if file:
+            self._private_copy(file, _owner(request))
+
+    @refusing(3)
+    def read(self, file: str | None, plane: str, index: float, preset: str,
+             request: gr.Request | None = None) -> tuple[LoadedUpload, Any, str]:  # fmt: skip
+        """Read the upload at a plane / slice / frame. Its first read moves it from Gradio's cache (where it
+        could be fetched by URL) to this session's private copy, which later reads use."""
         if not file:
-            raise gr.Error("Upload an image first (PNG, JPEG, DICOM or NIfTI).")
-        upload = self._call(read_upload, file, plane=plane, index=int(index or 0), preset=preset or None)
+            raise UserMistake("Upload an image first (PNG, JPEG, DICOM or NIfTI).")
+        owner = _owner(request)
+        private = self._private_copy(file, owner)
+        upload = self._call(read_upload, private, plane=plane, index=int(index or 0), preset=preset or None)
+        upload = replace(upload, owner=owner)
         return upload, {"background": upload.rgb, "layers": [], "composite": upload.rgb}, upload.note
 
+    def drop_upload(self, request: gr.Request | None = None) -> None:
+        """The upload was cleared or the tab closed: delete this session's private copy now."""
+        self.uploads.release(_owner(request))
+
+    def _private_copy(self, file: str, owner: str) -> Path:
+        try:
+            return self.uploads.take(owner, file)
+        except UploadGone:
+            raise UserMistake(texts.ERR_UPLOAD_GONE) from None
+
+    @refusing(2)
     def save(self, session: InstructorSession | None, case_id: int | None, upload: LoadedUpload | None,
              editor: dict | None, mask_file: str | None, publish: bool, reviewed: bool, *fields: str) -> tuple:  # fmt: skip
-        """Create (case_id None) or replace a case from the form; returns (status, case menu)."""
+        """Create (case_id None) or replace a case from the form; returns (status, case menu).
+
+        Once saved, the private copy of the raw upload is deleted (the case keeps only its pixels)."""
         if upload is None:
-            raise gr.Error("Read an image first.")
+            raise UserMistake("Read an image first.")
         if publish and upload.needs_review and not reviewed:
-            raise gr.Error(
+            raise UserMistake(
                 "This image may contain burned-in text: confirm you checked the pixels, or save unpublished."
             )
         mask = self._reference_mask(editor, mask_file, upload.rgb.shape[:2])
@@ -273,21 +310,26 @@ class InstructorHandlers:
         draft = replace(draft, burned_in_suspected=upload.needs_review, burned_in_reviewed=bool(reviewed))
         if case_id is None:
             record = self._call(self.store.create_case, session, draft)
-            return f"Created case #{record.id} ({record.summary.slug}).", self.case_menu(session)
-        record = self._call(self.store.update_case, session, int(case_id), draft)
-        return f"Saved case #{record.id}.", self.case_menu(session)
+            status = f"Created case #{record.id} ({record.summary.slug})."
+        else:
+            record = self._call(self.store.update_case, session, int(case_id), draft)
+            status = f"Saved case #{record.id}."
+        self.uploads.release(upload.owner)
+        return status, self.case_menu(session)
 
+    @refusing(2)
     def save_changes(self, session: InstructorSession | None, case_id: int | None, *args: Any) -> tuple:
         """Replace the case loaded with "Edit in the form"."""
         if case_id is None:
-            raise gr.Error("Load a case with 'Edit in the form' first, or use 'Save as new case'.")
+            raise UserMistake("Load a case with 'Edit in the form' first, or use 'Save as new case'.")
         return self.save(session, case_id, *args)
 
+    @refusing(4 + len(CaseForm.__dataclass_fields__))
     def load(self, session: InstructorSession | None, case_id: int | None) -> tuple:
         if not self.store.is_instructor(session):
-            raise gr.Error("Log in as an instructor first.")
+            raise UserMistake("Log in as an instructor first.")
         if case_id is None:
-            raise gr.Error("Pick a case first.")
+            raise UserMistake(PICK_A_CASE)
         case = self._call(self.store.get_case, int(case_id), session)
         image = case.images[0]
         first = image.masks[0].array() if image.masks else np.zeros((image.height, image.width), bool)
@@ -299,19 +341,22 @@ class InstructorHandlers:
         editor = {"background": upload.rgb, "layers": [layer], "composite": upload.rgb}
         return (upload, editor, upload.note, case.id, *map(str, vars(form_from_case(case)).values()))
 
+    @refusing(2)
     def set_published(self, session: InstructorSession | None, case_id: int | None, published: bool) -> tuple:
         if case_id is None:
-            raise gr.Error("Pick a case first.")
+            raise UserMistake(PICK_A_CASE)
         summary = self._call(self.store.set_published, session, int(case_id), published)
         state = "published" if summary.published else "unpublished"
         return f"Case #{summary.id} is now {state}.", self.case_menu(session)
 
+    @refusing(2)
     def delete(self, session: InstructorSession | None, case_id: int | None) -> tuple:
         if case_id is None:
-            raise gr.Error("Pick a case first.")
+            raise UserMistake(PICK_A_CASE)
         self._call(self.store.delete_case, session, int(case_id))
         return f"Deleted case #{case_id}.", self.case_menu(session)
 
+    @refusing(1)
     def export_csv(self, session: InstructorSession | None) -> str:
         text = self._call(self.store.attempts_csv, session)
         path = temp_file(EXPORT_DIR, f"quiz_results_{secrets.token_hex(4)}.csv")
@@ -320,21 +365,31 @@ class InstructorHandlers:
     @staticmethod
     def _reference_mask(editor: dict | None, mask_file: str | None, size: tuple[int, int]) -> np.ndarray:
         if mask_file:
-            mask = InstructorHandlers._call(decode_mask, Path(mask_file).read_bytes())
+            try:
+                data = Path(mask_file).read_bytes()
+            except OSError:  # the error names the file: say what to do instead
+                raise UserMistake("The mask file could not be read: upload it again.") from None
+            mask = InstructorHandlers._call(decode_mask, data)
             if mask.shape != size:
-                raise gr.Error(f"The mask file is {mask.shape[::-1]} pixels but the image is {size[::-1]}.")
+                raise UserMistake(f"The mask file is {mask.shape[::-1]} pixels but the image is {size[::-1]}.")
             return mask
         drawn = drawn_mask(editor, size)
         if drawn is None or not drawn.any():
-            raise gr.Error("Draw the reference mask with the brush, or upload a mask PNG.")
+            raise UserMistake("Draw the reference mask with the brush, or upload a mask PNG.")
         return drawn
 
     @staticmethod
     def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """fn's result; the store's refusals (not logged in, invalid data, not found...) are user mistakes."""
         try:
             return fn(*args, **kwargs)
-        except (CaseStoreError, OSError) as error:
-            raise gr.Error(html_text(str(error))) from error
+        except CaseStoreError as error:
+            raise UserMistake(str(error)) from None
+
+
+def _owner(request: gr.Request | None) -> str:
+    """The browser session a private upload copy belongs to ("local" for direct calls without a request)."""
+    return (request.session_hash if request is not None else None) or "local"
 
 
 def _form_fields() -> list[Any]:
@@ -374,8 +429,8 @@ def build_instructor_tab(ctx: Any) -> None:
     if ctx.store is None:
         gr.Markdown(NO_STORE)
         return
-    h = InstructorHandlers(ctx.store)
     settings = ctx.settings
+    h = InstructorHandlers(ctx.store, PrivateUploads(parent=settings.spill_dir, max_idle_s=settings.session_ttl_s))
     gate = InstructorGate(ctx.store, hf_oauth=settings.hf_oauth, hf_allowlist=settings.instructor_allowlist)
     upload, editing = gr.State(None), gr.State(None)
     with gr.Row():
@@ -438,7 +493,12 @@ def build_instructor_tab(ctx: Any) -> None:
         js=LOGIN_JS, api_name="login", **hidden,
     )  # fmt: skip
     logout.click(bind(h.logout, 0), None, [status, menu, editor_area], js=LOGOUT_JS, api_name="logout", **hidden)
+    file.upload(h.keep, file, None, api_visibility="private")  # out of Gradio's cache before "Read image"
+    file.clear(h.drop_upload, None, None, api_visibility="private")
     read.click(h.read, [file, plane_in, index, preset], [upload, editor, note], api_name="read_upload", **hidden)
+    root = gr.context.Context.root_block
+    if root is not None:  # a closed tab deletes its private copy now
+        root.unload(h.drop_upload)
     common = [upload, editor, mask_file, publish, reviewed, *fields]
     save_new.click(bind(lambda s, *a: h.save(s, None, *a), len(common)), common, [status, menu],
                    api_name="save_case", **hidden)  # fmt: skip

@@ -19,6 +19,7 @@ import numpy as np
 from cases import CaseNotFound, CaseRecord, CaseStore
 from portal import texts
 from portal.overlay import overlay_mask
+from portal.refusals import UserMistake, refusing
 from portal.safe_text import formatted, plain
 
 ALL = "All"
@@ -152,11 +153,13 @@ class LibraryHandlers:
     def __init__(self, store: CaseStore) -> None:
         self.store = store
 
+    @refusing(2)
     def search(self, modality: str, anatomy: str, difficulty: str, text: str) -> tuple[Any, str]:
         choices = case_choices(self.store, modality, anatomy, difficulty, text)
         note = texts.count_noun(len(choices), "case") if choices else NO_MATCH
         return gr.update(choices=choices, value=choices[0][1] if choices else None), note
 
+    @refusing(3)
     def open_case(self, case_id: int | None, window: str) -> tuple[Any, Any, str]:
         if case_id is None:
             return None, gr.update(choices=[], value=[]), ""
@@ -168,20 +171,22 @@ class LibraryHandlers:
             case_markdown(case) + model_answers_markdown(self.store, case),
         )
 
+    @refusing(1)
     def redraw(self, case_id: int | None, labels: list[str], window: str) -> Any:
         return None if case_id is None else case_view(self._case(case_id), labels or [], window)
 
+    @refusing(4)
     def handoff(self, case_id: int | None) -> tuple[AskHandoff | None, str | None, str, str]:
         if case_id is None:
-            raise gr.Error("Pick a case first.")
+            raise UserMistake("Pick a case first.")
         h = ask_handoff(self.store, case_id)
         return h, str(h.image_path), h.question, ASK_HINT
 
     def _case(self, case_id: int) -> CaseRecord:
         try:
             return self.store.get_case(int(case_id))
-        except CaseNotFound as error:
-            raise gr.Error(str(error)) from error
+        except CaseNotFound as error:  # e.g. unpublished or deleted meanwhile
+            raise UserMistake(str(error)) from None
 
 
 def build_library_tab(ctx: Any) -> gr.State | None:

@@ -29,6 +29,7 @@ from portal import texts
 from portal.library_tab import NO_STORE, case_markdown
 from portal.model_answers import cached_answer, live_answer
 from portal.overlay import overlay_mask
+from portal.refusals import UserMistake, refusing
 from portal.safe_text import plain
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ BRUSH_COLOR = "#E69F00"  # the student's colour, also while drawing
 NO_MODEL_OUTPUT = "No cached model answer for this question yet (`python -m cases precompute`)."
 MODEL_PENDING = "**Model answer:** *the model is answering this question now…*"
 MODEL_FAILED = "**Model answer:** the model could not answer this question ({kind}); the rest is unaffected."
+N_VIEW = 8  # prompt, closed, opened, editor, result, compare, layers, discussion (see build_quiz_tab)
 SESSION_ATTEMPTS_PER_MINUTE = 6  # submits per browser session per minute (the store also limits per student)
 MAX_ANSWER_CHARS = 1000  # the open answer box (the store refuses longer answers too)
 TOO_FAST = "That was quick: wait a moment before submitting again (at most {n} answers a minute)."
@@ -143,6 +145,7 @@ class QuizHandlers:
         self.store = store
         self.engine = engine
 
+    @refusing(3 + N_VIEW)
     def start(self, choice: int | None, state: QuizState) -> tuple:
         """Open a case (RANDOM_CASE = any published case) at its first question."""
         case = self._pick(choice)
@@ -153,41 +156,43 @@ class QuizHandlers:
         return (new, quiz_header(case, first), gr.update(choices=questions, value=first.id),
                 *self._question_view(case, first))  # fmt: skip
 
+    @refusing(2 + N_VIEW)
     def choose_question(self, question_id: int | None, state: QuizState) -> tuple:
         """Switch question; the header is redrawn because each question hides its own answer."""
         if question_id is None or state.case_id is None:
             return (state, gr.skip(), *self._blank_question())
         case = self._case(state.case_id)
-        question = case.question(int(question_id))
+        question = self._question(case, int(question_id))
         new = replace(state, question_id=question.id, started=time.monotonic(), submitted=False, drawn=None)
         return (new, quiz_header(case, question), *self._question_view(case, question))
 
+    @refusing(7)
     def submit(self, choice: str | None, text: str, editor: dict | None, pseudonym: str, browser_id: str | None,
                state: QuizState) -> tuple:  # fmt: skip
         """Score and store the attempt, then reveal the answers, masks and discussion."""
         if state.question_id is None or state.case_id is None:
-            raise gr.Error("Press Start to get a case first.")
+            raise UserMistake("Press Start to get a case first.")
         if state.submitted:
-            raise gr.Error("Already submitted: pick another question or press Start for a new case.")
+            raise UserMistake("Already submitted: pick another question or press Start for a new case.")
         now = time.monotonic()
         recent = tuple(t for t in state.recent_submits if now - t < 60.0)
         if len(recent) >= SESSION_ATTEMPTS_PER_MINUTE:
-            raise gr.Error(TOO_FAST.format(n=SESSION_ATTEMPTS_PER_MINUTE))
+            raise UserMistake(TOO_FAST.format(n=SESSION_ATTEMPTS_PER_MINUTE))
         case = self._case(state.case_id)
-        question = case.question(state.question_id)
+        question = self._question(case, state.question_id)
         answer = (choice or "") if question.kind == "closed" else (text or "")
         mask = drawn_mask(editor, (case.images[0].height, case.images[0].width))
         if question.kind == "segmentation" and (mask is None or not mask.any()):
-            raise gr.Error("Draw the structure on the image with the brush before submitting.")
+            raise UserMistake("Draw the structure on the image with the brush before submitting.")
         if question.kind != "segmentation" and not answer.strip():
-            raise gr.Error("Give your answer first: predict, then reveal.")
+            raise UserMistake("Give your answer first: predict, then reveal.")
         student, remembered = student_id(pseudonym, browser_id)
         try:
             attempt = self.store.record_attempt(question.id, student, answer,
                                                 mask if question.kind == "segmentation" else None,
                                                 duration_s=round(time.monotonic() - state.started, 1))  # fmt: skip
-        except CaseStoreError as error:
-            raise gr.Error(str(error)) from error
+        except CaseStoreError as error:  # too long, too many answers a minute...
+            raise UserMistake(str(error)) from None
         label = f"#{case.id} {question.kind}"
         new = replace(
             state,
@@ -202,6 +207,7 @@ class QuizHandlers:
                 gr.update(value=shown, visible=question.kind == "segmentation"), case_markdown(case),
                 progress_figure(new.progress))  # fmt: skip
 
+    @refusing(2)
     def reveal_model(self, shown: list[str], state: QuizState) -> tuple[Any, Any]:
         """After submit: compute the model's answer when none is cached (model queue), then redo the reveal.
 
@@ -210,7 +216,7 @@ class QuizHandlers:
         if self.engine is None or not state.submitted or state.case_id is None or state.question_id is None:
             return gr.skip(), gr.skip()
         case = self._case(state.case_id)
-        question = case.question(state.question_id)
+        question = self._question(case, state.question_id)
         if cached_answer(self.store, question.id) is not None:  # cached meanwhile (e.g. another student)
             return gr.skip(), gr.skip()
         try:
@@ -222,11 +228,12 @@ class QuizHandlers:
         return (self._result_markdown(question, state.attempt),
                 self._compare(case, question, state.drawn, shown or []))  # fmt: skip
 
+    @refusing(1)
     def toggle(self, shown: list[str], state: QuizState) -> Any:
         if not state.submitted or state.case_id is None or state.question_id is None:
             return None
         case = self._case(state.case_id)
-        return self._compare(case, case.question(state.question_id), state.drawn, shown or [])
+        return self._compare(case, self._question(case, state.question_id), state.drawn, shown or [])
 
     # -------------------------------------------------------------------------------------- helpers
 
@@ -279,15 +286,22 @@ class QuizHandlers:
         if choice in (None, RANDOM_CASE):
             published = self.store.list_cases()
             if not published:
-                raise gr.Error("There is no published case yet.")
+                raise UserMistake("There is no published case yet.")
             return self._case(random.choice(published).id)
         return self._case(int(choice))
 
     def _case(self, case_id: int) -> CaseRecord:
         try:
             return self.store.get_case(case_id)
-        except CaseNotFound as error:
-            raise gr.Error(str(error)) from error
+        except CaseNotFound as error:  # e.g. deleted by an instructor meanwhile
+            raise UserMistake(str(error)) from None
+
+    @staticmethod
+    def _question(case: CaseRecord, question_id: int) -> QuestionRecord:
+        try:
+            return case.question(question_id)
+        except KeyError:
+            raise UserMistake("This question is no longer in the case: press Start again.") from None
 
 
 def _answer_text(output: Any) -> str:

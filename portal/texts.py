@@ -116,6 +116,11 @@ ERR_REGION_TAG = (
     "The question contains <region> but no region is marked. Mark a point, box or sketch, or remove <region>."
 )
 ERR_NO_ANSWER = "There is no answer to save yet."
+ERR_SERVER = "Something went wrong on the server ({kind}); nothing was changed. Try again in a moment."
+SERVER_FAULT_TITLE = "Server error"
+ERR_UPLOAD_GONE = (
+    "The uploaded file is no longer on the server (uploads are kept only while you work on them): upload it again."
+)
 NOTE_NO_MARK = "No region marked."
 NOTE_ACTIVE_MARK = "Active region: {kind} at {where}"
 NOTE_ACTIVE_SKETCH = (

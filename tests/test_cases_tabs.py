@@ -16,6 +16,7 @@ from portal.context import PortalSettings
 from portal.instructor_tab import CaseForm, InstructorHandlers, build_instructor_tab, read_upload
 from portal.library_tab import LibraryHandlers, ask_handoff, build_library_tab, case_choices
 from portal.quiz_tab import QuizHandlers, QuizState, build_quiz_tab, drawn_mask, progress_figure
+from portal.refusals import UserMistake
 
 PASSWORD = "a long enough password"
 
@@ -34,6 +35,15 @@ def store(tmp_path: Path) -> CaseStore:
     s.create_case(op, sample_draft("Hidden", published=False, slug="hidden"))
     s.create_instructor(op, "teacher", PASSWORD)
     return s
+
+
+def refused(match: str, handler, *args) -> None:
+    """A user mistake: one warning (not a gr.Error), every output unchanged (gr.skip())."""
+    with pytest.warns(UserWarning, match=match) as caught:
+        outputs = handler(*args)
+    assert len([w for w in caught if issubclass(w.category, UserWarning)]) == 1
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    assert outputs and all(value == gr.skip() for value in outputs)
 
 
 def _layer(mask: np.ndarray) -> np.ndarray:
@@ -91,16 +101,14 @@ def test_quiz_segmentation_attempt_scores_and_reveals(store: CaseStore) -> None:
     only_ref = h.toggle(["reference"], state)
     none = h.toggle([], state)
     assert not np.array_equal(only_ref, none)
-    with pytest.raises(gr.Error, match="Already submitted"):
-        h.submit(None, "", {"layers": [_layer(big)]}, "", browser_id, state)
+    refused("Already submitted", h.submit, None, "", {"layers": [_layer(big)]}, "", browser_id, state)
 
 
 def test_quiz_closed_question_predict_then_reveal(store: CaseStore) -> None:
     h = QuizHandlers(store)
     alpha = store.get_case("alpha")
     state = h.start(alpha.id, QuizState())[0]
-    with pytest.raises(gr.Error, match="predict, then reveal"):
-        h.submit(None, "", None, "", "", state)
+    refused("predict, then reveal", h.submit, None, "", None, "", "", state)
     out = h.submit("yes", "", None, "course-42", "anon-1", state)
     assert "✅" in out[2] and "Reference answer:** yes" in out[2] and "No cached model answer" in out[2]
     assert store.student_attempts("course-42")[0].correct is True
@@ -131,7 +139,7 @@ def _form(**overrides: str) -> tuple[str, ...]:
 
 def test_instructor_actions_need_a_login(store: CaseStore, tmp_path: Path) -> None:
     h = InstructorHandlers(store)
-    with pytest.raises(gr.Error, match="wrong instructor"):
+    with pytest.raises(UserMistake, match="wrong instructor"):  # programmatic login raises; the UI uses a cookie
         h.login("teacher", "not the password")
     png = tmp_path / "x.png"
     Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(png)
@@ -139,12 +147,9 @@ def test_instructor_actions_need_a_login(store: CaseStore, tmp_path: Path) -> No
     mask = np.zeros((20, 30), bool)
     mask[5:10, 5:10] = True
     editor = {"layers": [_layer(mask)]}
-    with pytest.raises(gr.Error, match="instructor action"):
-        h.save(None, None, upload, editor, None, False, False, *_form())
-    with pytest.raises(gr.Error, match="instructor action"):
-        h.set_published(None, store.get_case("alpha").id, False)
-    with pytest.raises(gr.Error, match="instructor action"):
-        h.export_csv(None)
+    refused("instructor action", h.save, None, None, upload, editor, None, False, False, *_form())
+    refused("instructor action", h.set_published, None, store.get_case("alpha").id, False)
+    refused("instructor action", h.export_csv, None)
     session = h.login("teacher", PASSWORD)[0]
     status, _menu = h.save(session, None, upload, editor, None, True, False, *_form())
     created = store.list_cases(text="Uploaded case")[0]
@@ -164,8 +169,7 @@ def test_dicom_upload_is_deidentified_and_needs_review(store: CaseStore, tmp_pat
     h = InstructorHandlers(store)
     session = h.login("teacher", PASSWORD)[0]
     editor = {"layers": [_layer(upload.rgb[..., 0] > upload.rgb[..., 0].mean())]}
-    with pytest.raises(gr.Error, match="burned-in"):
-        h.save(session, None, upload, editor, None, True, False, *_form(title="CT"))
+    refused("burned-in", h.save, session, None, upload, editor, None, True, False, *_form(title="CT"))
     h.save(session, None, upload, editor, None, True, True, *_form(title="CT checked"))
     assert store.list_cases(text="CT checked")[0].published
 
@@ -181,8 +185,7 @@ def test_png_metadata_is_stripped_and_wrong_mask_size_refused(store: CaseStore, 
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(mask_path)
     h = InstructorHandlers(store)
     session = h.login("teacher", PASSWORD)[0]
-    with pytest.raises(gr.Error, match="mask file is"):
-        h.save(session, None, upload, None, str(mask_path), False, False, *_form())
+    refused("mask file is", h.save, session, None, upload, None, str(mask_path), False, False, *_form())
 
 
 def test_oversized_upload_is_refused(tmp_path: Path) -> None:
@@ -227,5 +230,4 @@ def test_quiz_session_submits_are_rate_limited(store: CaseStore) -> None:
         state = h.choose_question(closed.id, state)[0]
         state = h.submit("yes", "", None, f"p-{i}", "anon-1", state)[0]
     state = h.choose_question(closed.id, state)[0]
-    with pytest.raises(gr.Error, match="wait a moment"):
-        h.submit("yes", "", None, "p-x", "anon-1", state)
+    refused("wait a moment", h.submit, "yes", "", None, "p-x", "anon-1", state)

@@ -77,3 +77,16 @@ def test_one_quiz_attempt_is_scored_and_revealed(quiz) -> None:
     shot = page.screenshot(full_page=True)
     (REPO / "test-artifacts").mkdir(exist_ok=True)
     (REPO / "test-artifacts" / "quiz_tab.png").write_bytes(shot)
+
+
+def test_a_quiz_mistake_is_one_warning_and_the_reveal_stays(quiz) -> None:
+    """Bug (issue 16): a mistake (here submitting twice) raised gr.Error, which painted red "Error" labels over
+    the result, the comparison image and the discussion. Now one warning toast, and the reveal stays."""
+    page, _store = quiz
+    page.locator("#quiz-result").get_by_text("Dice").wait_for()  # runs after the attempt above
+    page.locator("#quiz-submit").click()
+    page.get_by_text("Already submitted").first.wait_for()
+    page.wait_for_timeout(500)
+    assert page.get_by_text("Error", exact=True).count() == 0
+    assert page.locator("#quiz-result").get_by_text("Dice").count() == 1
+    page.locator("#quiz-discussion").get_by_text("Browser lesion").wait_for()
