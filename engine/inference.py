@@ -86,8 +86,7 @@ class Engine:
     @torch.inference_mode()
     def set_image(self, rgb: np.ndarray) -> ImageHandle:
         """(H, W, 3) uint8 RGB → cached CLIP features (SAM's follow on the first `<SEG>`)."""
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
+        check_rgb(rgb)
         t0 = time.perf_counter()
         pixels = torch.from_numpy(clip_preprocess(rgb))[None].to(self.device, self.dtype)
         feats = self.model.clip_features(pixels)[0]  # (576, mm_hidden)
@@ -119,10 +118,7 @@ class Engine:
                history: Sequence[tuple[str, str]] = (), settings: GenerationSettings = GenerationSettings()
                ) -> AnswerStream:
         """Start answering; validation errors are raised here, before any piece is yielded."""
-        if not question or not question.strip():
-            raise ValueError("the question is empty: type a question about the image")
-        if region is not None and region.shape != image.shape:
-            raise ValueError(f"the region mask is {region.shape} but the image is {image.shape}")
+        check_question(question, region, image.shape)
         prompt = build_prompt(question, template=settings.template, history=history, has_region=region is not None)
         ids = self.tokenizer.encode_prompt(prompt)
         return AnswerStream(lambda stream: self._run(stream, image, ids, region, settings))
@@ -216,6 +212,20 @@ class Engine:
         logits = full[0, 0]
         mask = binarize(logits, threshold=self.config.mask_threshold)
         return low[0, 0].float().cpu().numpy(), logits.cpu().numpy(), np.asarray(mask.cpu().numpy(), dtype=bool)
+
+
+def check_rgb(rgb: np.ndarray) -> None:
+    """ValueError unless `rgb` is an (H, W, 3) uint8 RGB image (every engine front: local, ZeroGPU, Ray)."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
+
+
+def check_question(question: str, region: np.ndarray | None, shape: tuple[int, int]) -> None:
+    """ValueError for an empty question or a region mask whose shape is not the image's (H, W)."""
+    if not question or not question.strip():
+        raise ValueError("the question is empty: type a question about the image")
+    if region is not None and region.shape != shape:
+        raise ValueError(f"the region mask is {region.shape} but the image is {shape}")
 
 
 def _ms(t0: float) -> float:

@@ -35,6 +35,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
 
+from engine.inference import check_question, check_rgb
 from engine.results import Answer, GenerationSettings, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -376,18 +377,14 @@ class RemoteEngine:
     def set_image(self, rgb: np.ndarray) -> RemoteImage:
         """(H, W, 3) uint8 RGB → a handle. The first question encodes the image on the replica that answers it
         (one round trip less than encoding now); Serve then routes follow-ups with the same key there."""
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
+        check_rgb(rgb)
         return RemoteImage(rgb=rgb, key=image_key(rgb))
 
     def stream(self, image: RemoteImage, question: str, *, region: np.ndarray | None = None,
                history: Sequence[tuple[str, str]] = (), settings: GenerationSettings = GenerationSettings()
                ) -> RemoteAnswerStream:  # fmt: skip
         """Start answering; validation errors are raised here, as the local engine does."""
-        if not question or not question.strip():
-            raise ValueError("the question is empty: type a question about the image")
-        if region is not None and region.shape != image.shape:
-            raise ValueError(f"the region mask is {region.shape} but the image is {image.shape}")
+        check_question(question, region, image.shape)
         return RemoteAnswerStream(self, image, (question, region, tuple(history), settings))
 
     def ask(

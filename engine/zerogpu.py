@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.inference import check_question, check_rgb
 from engine.results import Answer, GenerationSettings
 
 ANSWER_BASE_SECONDS = 20  # CLIP (first question on an image) + prefill + SAM-Med2D + mask, with a margin
@@ -111,8 +112,7 @@ class ZeroGPUEngine:
     def set_image(self, rgb: np.ndarray) -> GpuImage:
         """(H, W, 3) uint8 RGB → a picklable handle. The image is encoded inside the first answer's GPU call
         (one GPU hand-over instead of two) and its embeddings come back on CPU for the next turns."""
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
+        check_rgb(rgb)
         return GpuImage(rgb=rgb)
 
     def stream(
@@ -124,10 +124,7 @@ class ZeroGPUEngine:
         history: Sequence[tuple[str, str]] = (),
         settings: GenerationSettings = GenerationSettings(),
     ) -> GpuAnswerStream:
-        if not question or not question.strip():
-            raise ValueError("the question is empty: type a question about the image")
-        if region is not None and region.shape != image.shape:
-            raise ValueError(f"the region mask is {region.shape} but the image is {image.shape}")
+        check_question(question, region, image.shape)
         items = self._answer(image, question, region=region, history=tuple(history), settings=settings)
         return GpuAnswerStream(iter(items), image)
 
