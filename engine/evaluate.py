@@ -1,6 +1,7 @@
 """`python -m engine evaluate`: MeCoVQA's metrics for any model `load_engine` loads.
 
     python -m engine evaluate [--model M] (--data SPLIT.json | --split test|val) [--limit N] [--json]
+                              [--after-turn "What is the modality of this image?"]   # follow-up scores
 
 Metrics (MedPLIB `model/eval/vqa_infer.py` and `cal_metric.py`, re-implemented; no nltk):
   grounding  per-sample IoU of the predicted mask (greedy answer to the question; no `<SEG>` → IoU 0; an
@@ -187,11 +188,14 @@ class RoutingTally:
         self.image_span: tuple[int, int] | None = None
         self.counts: dict[str, np.ndarray] = {}
         self.kind = "vqa"
+        self.paused = False  # True while an earlier turn (--after-turn) is answered: not counted
         self._hooks = [layer.mlp.register_forward_hook(self._hook(i)) for i, layer in enumerate(model.llm.layers)]
         self.n_layers = len(self._hooks)
 
     def _hook(self, layer: int):
         def hook(module, _inputs, _output) -> None:
+            if self.paused:
+                return
             choice = module.last_choice.reshape(-1).cpu().numpy()  # prefill: (T,), decoding: (1,)
             text = choice
             if choice.shape[0] > 1 and self.image_span is not None:
@@ -242,24 +246,32 @@ def _image_span(eng, sample: EvalSample, settings: GenerationSettings) -> tuple[
     return start, start + eng.config.n_image_tokens
 
 
-def run_samples(eng, samples: Sequence[EvalSample], settings: GenerationSettings,
-                *, progress: bool = False) -> tuple[list[SampleResult], RoutingTally]:
-    """Ask every sample's question (image embeddings cached per image); returns results and routing counts."""
+def run_samples(eng, samples: Sequence[EvalSample], settings: GenerationSettings, *, progress: bool = False,
+                after_turn: str | None = None) -> tuple[list[SampleResult], RoutingTally]:
+    """Ask every sample's question (image embeddings cached per image); returns results and routing counts.
+
+    after_turn: ask each question as a follow-up, after this question about the same image with the model's own
+    answer to it, replayed as the portal's chat replays a conversation (that turn is not scored or tallied)."""
     from tqdm import tqdm
 
     tally = RoutingTally(eng.model, eng.config.moe.num_experts)
     handles: dict[Path, object] = {}
+    history: tuple[tuple[str, str], ...] = ()
     results = []
     try:
         for sample in tqdm(samples, desc="evaluate", disable=not progress, dynamic_ncols=True):
             if sample.image not in handles:
                 handles = {sample.image: eng.set_image(_read_rgb(sample.image))}  # keep one image cached
+                if after_turn:
+                    tally.paused = True
+                    history = ((after_turn, eng.ask(handles[sample.image], after_turn, settings=settings).text),)
+                    tally.paused = False
             image = handles[sample.image]
             region = _read_mask(sample.region) if sample.region else None
             tally.kind = "grounding" if sample.task in GROUNDING_TASKS else "vqa"
             tally.image_span = _image_span(eng, sample, settings)
             try:
-                answer = eng.ask(image, sample.question, region=region, settings=settings)
+                answer = eng.ask(image, sample.question, region=region, history=history, settings=settings)
             except ValueError as err:  # e.g. a region too small for the 24x24 CLIP grid: scored as wrong
                 log.warning("sample %s refused by the engine (%s): scored as a wrong answer", sample.id, err)
                 results.append(SampleResult(sample=sample, prediction="", iou=0.0 if sample.gt_mask else None,
@@ -347,11 +359,15 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def evaluate_engine(eng, raw: Sequence[dict], root: Path, *, limit: int | None = None,
-                    settings: GenerationSettings | None = None, progress: bool = False) -> dict:
-    """Metrics of `eng` on MeCoVQA-format samples whose paths are relative to `root`."""
+                    settings: GenerationSettings | None = None, progress: bool = False,
+                    after_turn: str | None = None) -> dict:
+    """Metrics of `eng` on MeCoVQA-format samples whose paths are relative to `root` (`run_samples`)."""
     settings = settings or GenerationSettings(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
-    results, tally = run_samples(eng, load_samples(raw, root, limit=limit), settings, progress=progress)
-    return summarize(results, tally)
+    results, tally = run_samples(eng, load_samples(raw, root, limit=limit), settings, progress=progress,
+                                 after_turn=after_turn)
+    metrics = summarize(results, tally)
+    metrics["after_turn"] = after_turn
+    return metrics
 
 
 def evaluate_folder(folder: Path, raw: Sequence[dict], root: Path, **kwargs) -> dict:
@@ -377,6 +393,9 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--template", default=DEFAULT_TEMPLATE, choices=sorted(TEMPLATES),
                    help=f"default {DEFAULT_TEMPLATE}, as the CLI, the portal and the quiz")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--after-turn", default=None, metavar="QUESTION",
+                   help='ask every question as a follow-up, after QUESTION (e.g. "What is the modality of this '
+                        'image?") about the same image with the model\'s own answer, as the portal\'s chat does')
     p.add_argument("--postprocess", default=None, choices=("medplib", "crop"),
                    help="mask post-processing (default: the model's own)")
     p.add_argument("--device", default=None)
@@ -452,7 +471,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                           postprocess=args.postprocess)
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, template=args.template)
         metrics = evaluate_engine(eng, raw, _image_root(args, raw), limit=args.limit, settings=settings,
-                                  progress=not args.json and sys.stderr.isatty())
+                                  progress=not args.json and sys.stderr.isatty(), after_turn=args.after_turn)
     except (EvaluationInputError, ModelNotFoundError) as err:
         raise UsageError(str(err)) from None
     metrics["model"] = eng.info.name

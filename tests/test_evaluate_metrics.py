@@ -191,3 +191,32 @@ def test_evaluate_cli_missing_data_is_exit_code_2(tmp_path: Path, capsys: pytest
 
     assert main(["evaluate", "--data", str(tmp_path / "nope.json"), "--json"]) == 2
     assert "data file not found" in capsys.readouterr().err
+
+
+def test_after_turn_asks_every_question_as_a_follow_up(tiny_checkpoint: Path) -> None:
+    """`--after-turn Q`: each scored question is asked after Q about the same image with the model's own answer to
+    it (once per image); that earlier turn is neither scored nor tallied."""
+    from engine.evaluate import evaluate_engine
+    from engine.loading import load_engine
+    from engine.results import GenerationSettings
+
+    assets = Path(__file__).resolve().parents[1] / "assets" / "medimages"
+    raw = json.loads((assets / "ci_subset.json").read_text())[:5]
+    eng = load_engine(tiny_checkpoint)
+    calls: list[tuple[str, tuple]] = []
+    real_ask = eng.ask
+
+    def ask(image, question, **kwargs):
+        answer = real_ask(image, question, **kwargs)
+        calls.append((question, tuple(kwargs.get("history", ())), answer.text))
+        return answer
+
+    eng.ask = ask
+    first = "What is the modality of this image?"
+    metrics = evaluate_engine(eng, raw, assets, settings=GenerationSettings(max_new_tokens=3), after_turn=first)
+    assert metrics["n"]["total"] == 5 and metrics["after_turn"] == first
+    earlier = [c for c in calls if c[0] == first and not c[1]]
+    scored = [c for c in calls if c[1]]
+    assert len(earlier) == len({r["image"] for r in raw}) and len(scored) == 5
+    answers = {c[2] for c in earlier}
+    assert all(c[1][0][0] == first and c[1][0][1] in answers for c in scored)
