@@ -886,7 +886,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, nargs=4, default=None, metavar=("S1", "S2", "S3", "S4"),
                         help="optimiser steps of the four stages")
     parser.add_argument("--threads", type=int, default=2,
-                        help="CPU threads (default 2: v8 took 52 min on 2 idle cores; v7 used 1, README)")
+                        help="CPU threads (default 2: v9 took 39.5 min on 2 idle cores; v7 used 1, README)")
     parser.add_argument("--seed", type=int, default=SEED, help=f"seed of weights and sampling (default {SEED})")
     parser.add_argument("--region-attention-weight", type=float, default=TrainConfig.region_attention_weight,
                         help="weight of the region attention loss (README); v7's settings: 0 with --history-share 0 "
