@@ -26,12 +26,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import ray
 from PIL import Image
-from ray import serve
 
 from engine.results import Answer, GenerationSettings
 from engine.serve import APP_NAME, DEPLOYMENT_NAME, RemoteEngine, ServeOptions, engine_app
+
+# isort: split
+import ray  # after engine.serve, which sets Ray Serve's throughput mode before ray.serve is imported
+from ray import serve
 
 log = logging.getLogger("benchmarks.scale")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("ray.serve")
+pytest.importorskip("engine.serve")  # needs ray[serve]; sets Serve's throughput mode before ray.serve is imported
 pytestmark = pytest.mark.slow
 
 

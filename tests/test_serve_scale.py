@@ -10,6 +10,7 @@ import pytest
 from portal_helpers import load_test_engine, portal_context, write_png
 
 ray = pytest.importorskip("ray")
+pytest.importorskip("engine.serve")  # first: it sets Ray Serve's throughput mode before ray.serve is imported
 serve = pytest.importorskip("ray.serve")
 
 pytestmark = pytest.mark.slow
@@ -107,7 +108,10 @@ def test_deployment_options_for_gpu_replicas_with_autoscaling():
     args = parse_args(["--model", "Huangxs/MedPLIB-7b-2e", "--gpus-per-replica", "1", "--autoscale", "1,4"])
     options = options_from_args(args).deployment_options()
     assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2.0}
-    assert "num_replicas" not in options and options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
+    actor = options["ray_actor_options"]
+    assert "num_replicas" not in options and (actor["num_cpus"], actor["num_gpus"]) == (1.0, 1.0)
+    # the replicas run Serve's throughput mode whichever way the cluster was started
+    assert actor["runtime_env"]["env_vars"]["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert options["request_router_config"].request_router_class in (ImageAffinityRouter, f"{ImageAffinityRouter.__module__}.ImageAffinityRouter")
     fixed = options_from_args(parse_args(["--replicas", "3"])).deployment_options()
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
@@ -125,3 +129,18 @@ def test_a_follow_up_sent_without_pixels_to_a_replica_without_the_image_is_resen
     assert answer.token_ids and "".join(streamed) == streamed.result.text
     after = remote.stats
     assert after.retries - before.retries == 1 and after.hits - before.hits == 1  # the stream found it cached
+
+
+def test_replica_errors_are_read_from_either_transport():
+    """Regression: Serve's gRPC transport (throughput mode) raises the replica's exception as it was raised, Ray's
+    object transport wraps it in a RayTaskError; a resend for ImageNotCached and the plain ValueError message must
+    come from both (the kill run of benchmarks.scale failed 7 students when only the wrapped form was read)."""
+    from ray.exceptions import RayTaskError
+
+    from engine.serve import ImageNotCached, _not_cached, _user_error
+
+    assert _not_cached(ImageNotCached("key")) and _not_cached(RayTaskError("answer", "tb", ImageNotCached("key")))
+    assert not _not_cached(ValueError("region too small"))
+    for err in (ValueError("region too small"), RayTaskError("answer", "Traceback ...", ValueError("region too small"))):
+        user = _user_error(err)
+        assert isinstance(user, ValueError) and str(user) == "region too small"
