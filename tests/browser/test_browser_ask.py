@@ -126,3 +126,39 @@ def test_upload_mark_ask_and_see_the_mask(page):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "ask_tab.png").write_bytes(shot)
     assert len(shot) > 10_000
+
+
+def test_the_suggested_questions_describe_and_segment_a_marked_structure(page, portal_url):
+    """Issue 20, as a student tries it: the first chip "Describe the image." gets complete sentences, and a point on
+    the brain with an empty question box and Segment asks for "the structure in the marked region" and gets the
+    mask of the structure under the point (white matter there, about 10,900 px; v8 gave 1 px)."""
+    import re
+
+    page.goto(portal_url)
+    page.locator("#ask-upload input[type=file]").set_input_files(BRAIN_SLICE)
+    page.locator("#ask-info").get_by_text("197×233 px").wait_for()
+    page.get_by_role("button", name="Describe the image.", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#ask-question textarea').value === 'Describe the image.'")
+    page.locator("#ask-button").click()
+    chat = page.locator("#ask-chat")
+    chat.get_by_text("MRI image of the brain").first.wait_for()
+
+    preview = page.locator("#ask-preview img")
+    page.locator("#ask-tool").get_by_text("Point", exact=True).click()
+    box = preview.bounding_box()
+    preview.click(position={"x": box["width"] * 0.5, "y": box["height"] * 0.45})
+    page.locator("#ask-mark-note").get_by_text("Active region: point").wait_for()
+    page.locator("#ask-question textarea").fill("")
+    page.locator("#segment-button").click()
+    chat.get_by_text("Please segment the structure in the marked region.").first.wait_for()
+    page.wait_for_function(
+        "() => /mask(:| of) [0-9]/.test(document.querySelector('#ask-chat').innerText.split('marked region.')[1] || '')"
+    )
+    text = chat.inner_text().split("marked region.")[1]
+    pixels = int(re.search(r"mask(?::| of) ([0-9,]+)", text).group(1).replace(",", ""))
+    assert pixels > 5_000, text  # white matter: about a quarter of the 197×233 slice
+    page.locator("#ask-overlay img").wait_for()
+    page.wait_for_timeout(500)
+    folder = REPO / "test-artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "describe_and_segment_region.png").write_bytes(page.screenshot(full_page=True))
