@@ -108,11 +108,7 @@ class Engine:
     # ---- questions ----------------------------------------------------------------------------------
     def ask(self, image: ImageHandle, question: str, *, region: np.ndarray | None = None,
             history: Sequence[tuple[str, str]] = (), settings: GenerationSettings = GenerationSettings()) -> Answer:
-        stream = self.stream(image, question, region=region, history=history, settings=settings)
-        for _ in stream:
-            pass
-        assert stream.result is not None
-        return stream.result
+        return drain(self.stream(image, question, region=region, history=history, settings=settings))
 
     def stream(self, image: ImageHandle, question: str, *, region: np.ndarray | None = None,
                history: Sequence[tuple[str, str]] = (), settings: GenerationSettings = GenerationSettings()
@@ -226,6 +222,14 @@ def check_question(question: str, region: np.ndarray | None, shape: tuple[int, i
         raise ValueError("the question is empty: type a question about the image")
     if region is not None and region.shape != shape:
         raise ValueError(f"the region mask is {region.shape} but the image is {shape}")
+
+
+def drain(stream) -> Answer:
+    """Read an answer stream (any engine's) to its end and return its `Answer`: `ask` on top of `stream`."""
+    for _ in stream:
+        pass
+    assert stream.result is not None
+    return stream.result
 
 
 def _ms(t0: float) -> float:

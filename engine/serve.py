@@ -429,7 +429,7 @@ class RemoteEngine:
         settings: GenerationSettings = GenerationSettings(),
     ) -> Answer:
         """The whole answer in one request (no streaming); retried when its replica dies."""
-        self.stream(image, question, region=region, history=history, settings=settings)  # the same checks
+        check_question(question, region, image.shape)  # as `stream` and the local engine check
         routed = self._handle.options(multiplexed_model_id=image.key)
         pixels = not self._counters.seen(image.key)  # a follow-up goes without its pixels
         for attempt in range(RETRIES + 1):

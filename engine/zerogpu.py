@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.inference import check_question, check_rgb
+from engine.inference import check_question, check_rgb, drain
 from engine.results import Answer, GenerationSettings
 
 ANSWER_BASE_SECONDS = 20  # CLIP (first question on an image) + prefill + SAM-Med2D + mask, with a margin
@@ -137,11 +137,7 @@ class ZeroGPUEngine:
         history: Sequence[tuple[str, str]] = (),
         settings: GenerationSettings = GenerationSettings(),
     ) -> Answer:
-        stream = self.stream(image, question, region=region, history=history, settings=settings)
-        for _ in stream:
-            pass
-        assert stream.result is not None
-        return stream.result
+        return drain(self.stream(image, question, region=region, history=history, settings=settings))
 
     # ---- inside the GPU worker ------------------------------------------------------------------------
     def _answer_on_gpu(
