@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.torch import load_file as load_state
 
 from engine.loading import load_engine
 from training.train import TrainConfig, train
@@ -30,3 +32,14 @@ def test_four_stages_write_a_loadable_released_checkpoint(tmp_path: Path) -> Non
     eng = load_engine(tmp_path / "tiny", device="cpu")
     answer = eng.ask(eng.set_image(np.zeros((40, 50, 3), dtype=np.uint8)), "Please segment the brain.",)
     assert isinstance(answer.text, str) and len(answer.experts) == 2
+    # `--polish`: stage 4 alone from that checkpoint (v10 = v9 polished on redrawn masks); only the mask decoder moves
+    polished = train(assets=ASSETS, out=tmp_path / "polished", cfg=cfg, polish=tmp_path / "tiny")
+    assert polished["polished_from"]["folder"] == "tiny" and polished["polished_from"]["summary"]["wall_time_s"] == summary["wall_time_s"] and polished["best_stage_step"] in ([0, 0], [4, 2])
+    assert "stage1_readout" not in polished
+    before = load_state(tmp_path / "tiny" / "model.safetensors")
+    after = load_state(tmp_path / "polished" / "model.safetensors")
+    assert before.keys() == after.keys()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert all(k.startswith(("model.visual_model.", "model.text_hidden_fcs.")) for k in moved), moved  # SAM side
+    assert moved or polished["best_stage_step"] == [0, 0]
+    assert (tmp_path / "polished" / "tokenizer.model").read_bytes() == (tmp_path / "tiny" / "tokenizer.model").read_bytes()

@@ -53,6 +53,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from engine.config import LlamaSizes, MedPLIBConfig, MoESizes
 from engine.conversation import build_prompt
+from engine.loading import build_model
 from engine.modeling.medplib import MedPLIBModel
 from engine.modeling.moe import Top1MoE
 from engine.modeling.sam_med2d import SamMed2DConfig
@@ -111,6 +112,7 @@ class TrainConfig:
     router_weight: float = 0.1
     balance_power: float = 0.5  # sampling weight 1 / count**power per (modality, task)
     histo_grounding_boost: float = 2.0  # extra weight for histopathology grounding (4 train tiles only)
+    fundus_grounding_boost: float = 2.0  # extra weight for fundus grounding: thin vessels, 7 train tiles (v10)
     label_balance_power: float = 0.5  # inside a modality's grounding, label weight 1 / share**power (README: why)
     online_share: float = 0.4  # share of VQA slots filled with questions drawn afresh (training.online)
     online_presence: float = 0.4  # ... of which presence yes/no questions (the rest: region questions)
@@ -126,6 +128,7 @@ class TrainConfig:
     presence_history_share: float = 0.1  # ... but of yes/no presence questions only this share (README: why)
     evals: tuple[int, int] = (2, 1)  # val evaluations in stages 3 and 4 (the best is kept; ~50 s each since issue 20)
     val_limit: int | None = None  # score only the first N val samples (smoke tests)
+    select_after_turn: str | None = None  # also score val as follow-ups after this question; select on the mean
     seed: int = SEED
 
     def model_config(self, vocab_size: int) -> MedPLIBConfig:
@@ -591,7 +594,7 @@ def stage_pool(stage: str, train: list[Example]) -> tuple[list[Example], list[Ex
 
 def balance_weights(examples: list[Example], cfg: TrainConfig) -> list[float]:
     """Sampling weights 1 / count**balance_power (count: examples of the same modality and task), histopathology
-    grounding boosted: rare modalities are seen more often. Inside a group, labels (grounding only) are weighted
+    and fundus grounding boosted: rare modalities are seen more often. Inside a group, labels (grounding only) are weighted
     1 / share**label_balance_power, rescaled so that the group keeps its total weight: rare structures (the
     few lesions among hundreds of brain, grey- and white-matter masks) are asked for more often."""
     groups: dict[tuple[str, str], int] = {}
@@ -603,7 +606,8 @@ def balance_weights(examples: list[Example], cfg: TrainConfig) -> list[float]:
     norm: dict[tuple[str, str], float] = {}
     for k, n in labels.items():
         norm[k[:2]] = norm.get(k[:2], 0.0) + n * label_w[k] / groups[k[:2]]
-    boost = {("histopathology", "grounding"): cfg.histo_grounding_boost}
+    boost = {("histopathology", "grounding"): cfg.histo_grounding_boost,
+             ("fundus photography", "grounding"): cfg.fundus_grounding_boost}
     return [groups[(e.modality, e.task)] ** -cfg.balance_power * boost.get((e.modality, e.task), 1.0)
             * label_w[(e.modality, e.task, e.label)] / norm[(e.modality, e.task)]
             * (cfg.describe_boost if e.kind == DESCRIBE_KIND else 1.0) for e in examples]
@@ -734,10 +738,15 @@ def init_model(config: MedPLIBConfig, seed: int) -> MedPLIBModel:
     return model
 
 
-def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2) -> dict:
+def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2, polish: Path | None = None,
+          polish_stages: tuple[str, ...] = ("mask_decoder",)) -> dict:
     """Build the corpus, train the tokenizer and the three stages, write the best checkpoint to `out`.
 
-    `threads` changes the floating-point summation order, hence the run (README: run 12 against run 11)."""
+    `threads` changes the floating-point summation order, hence the run (README: run 12 against run 11).
+    `polish`: a checkpoint folder written by this trainer; its tokenizer and weights are kept, and only
+    `polish_stages` run (default stage 4, the mask decoder, `cfg.steps[3]` steps), starting from it and scored
+    against it on val. With stage 4 alone its answers cannot change (README: v10 = v9 polished on the redrawn
+    vessel masks); the training-only patch-label probe is not in a checkpoint, so a polished stage 3 runs without it."""
     from engine.evaluate import evaluate_folder
 
     random.seed(cfg.seed)
@@ -750,9 +759,15 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2) -> dic
     splits = {s: [x for task in corpus[s].values() for x in task] for s in corpus}
     splits["train"] = train_draws(assets, cfg.corpus_draws)
     work = Path(tempfile.mkdtemp(prefix="medplib-tiny-"))
-    sp_path = train_sentencepiece(corpus_lines(splits["train"]), work / "tokenizer")
-    tok = MedPLIBTokenizer.from_folder(save_tokenizer_folder(sp_path, work / "tok"))
-    model = init_model(cfg.model_config(tok.vocab_size), cfg.seed)
+    if polish is None:
+        sp_path = train_sentencepiece(corpus_lines(splits["train"]), work / "tokenizer")
+        tok = MedPLIBTokenizer.from_folder(save_tokenizer_folder(sp_path, work / "tok"))
+        model = init_model(cfg.model_config(tok.vocab_size), cfg.seed)
+    else:
+        sp_path, tok = polish / "tokenizer.model", MedPLIBTokenizer.from_folder(polish)
+        model = build_model(MedPLIBConfig.from_folder(polish), polish, device="cpu", dtype=torch.float32)
+        if model.config != cfg.model_config(tok.vocab_size):
+            raise ValueError(f"{polish} is not a checkpoint of this recipe's sizes (TrainConfig)")
     log.info("model: %.2f M parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     routing = RoutingControl(model)
     label_maps = LabelMaps(assets) if cfg.probe_weight > 0 else None
@@ -769,6 +784,12 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2) -> dic
         metrics = evaluate_folder(folder, splits["val"], assets, limit=cfg.val_limit)
         score = selection_score(metrics)
         log.info("val after stage-%d step %d: score %.3f %s", stage_no, step + 1, score, _short(metrics))
+        if cfg.select_after_turn:
+            follow = evaluate_folder(folder, splits["val"], assets, limit=cfg.val_limit,
+                                     after_turn=cfg.select_after_turn)
+            log.info("  as follow-ups: score %.3f %s", selection_score(follow), _short(follow))
+            metrics = {**metrics, "follow_up": follow}
+            score = (score + selection_score(follow)) / 2
         if score > best["score"]:
             best.update(score=score, step=(stage_no, step + 1), metrics=metrics,
                         state={k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -777,8 +798,13 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2) -> dic
 
     readout: dict[str, dict[str, float]] = {}
     readout_val = readout_examples(splits["val"][:cfg.val_limit], assets)
-    for stage_no, (stage, steps) in enumerate(zip(STAGES, cfg.steps, strict=True), start=1):
-        if stage == "mask_decoder":  # polish the masks of the best stage-3 model, its LLM frozen
+    stages = list(enumerate(zip(STAGES, cfg.steps, strict=True), start=1))
+    if polish is not None:
+        on_eval(0, -1)  # the starting checkpoint is the one to beat
+        stages = [(k, (stage, steps)) for k, (stage, steps) in stages if stage in polish_stages]
+        probe = None  # never saved, so a polished stage starts without the trained one
+    for stage_no, (stage, steps) in stages:
+        if stage == "mask_decoder" and "state" in best:  # polish the masks of the best stage-3 model, LLM frozen
             model.load_state_dict(best["state"])
         scored = stage in ("moe", "mask_decoder")
         run_stage(stage, model, tok, routing, examples, cfg, rng, steps,
@@ -800,12 +826,20 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2) -> dic
             shutil.copytree(path, target)
         else:
             shutil.copyfile(path, target)
-    summary = {"config": asdict(cfg), "best_stage_step": list(best["step"]), "val": best["metrics"],
+    summary = {"config": asdict(cfg), **({} if polish is None else {"polished_from": polished_from(polish)}),
+               "best_stage_step": list(best["step"]), "val": best["metrics"],
                "wall_time_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
                **{f"{name}_readout": figures for name, figures in readout.items()}}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def polished_from(folder: Path) -> dict:
+    """The starting checkpoint of a `--polish` run: its folder name and its own training summary (so a polished
+    checkpoint's summary holds the whole chain of runs behind it)."""
+    path = folder / "training_summary.json"
+    return {"folder": folder.name, "summary": json.loads(path.read_text()) if path.is_file() else None}
 
 
 READOUT_WARNING = 0.6  # run 12, whose region read-out never took off (val 0.50 at the end), read 0.395 here
@@ -897,16 +931,26 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of samples asked as follow-ups after earlier turns (README); run 16: 0")
     parser.add_argument("--presence-history-share", type=float, default=TrainConfig.presence_history_share,
                         help="the same share for yes/no presence questions (README); run 19: 0")
+    parser.add_argument("--polish", type=Path, default=None, metavar="FOLDER",
+                        help="run only stage 4 (--steps' S4) from this checkpoint, keeping its answers (README: v10)")
+    parser.add_argument("--polish-stages", nargs="+", choices=STAGES, default=["mask_decoder"],
+                        help="the stages --polish runs (default: mask_decoder)")
+    parser.add_argument("--lr", type=float, nargs=4, default=None, metavar=("L1", "L2", "L3", "L4"),
+                        help=f"peak learning rates of the four stages (default {TrainConfig.lr})")
+    parser.add_argument("--select-after-turn", default=None, metavar="QUESTION",
+                        help="also score val with every question asked after QUESTION; keep the best mean")
     parser.add_argument("--region-grounding-share", type=float, default=TrainConfig.region_grounding_share,
                         help="share of grounding slots asked about a marked region (README); v8: 0")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig(seed=args.seed, region_attention_weight=args.region_attention_weight,
                       history_share=args.history_share, presence_history_share=args.presence_history_share,
-                      region_grounding_share=args.region_grounding_share,
+                      region_grounding_share=args.region_grounding_share, select_after_turn=args.select_after_turn,
+                      **({} if args.lr is None else {"lr": tuple(args.lr)}),
                       **({} if args.evals is None else {"evals": tuple(args.evals)}),
                       **({} if args.steps is None else {"steps": tuple(args.steps)}))
-    summary = train(assets=args.assets, out=args.out, cfg=cfg, threads=args.threads)
+    summary = train(assets=args.assets, out=args.out, cfg=cfg, threads=args.threads, polish=args.polish,
+                    polish_stages=tuple(args.polish_stages))
     log.info("done in %.0f s; val %s", summary["wall_time_s"], _short(summary["val"]))
 
 
