@@ -110,7 +110,7 @@ def _out_of_corpus_images() -> list[np.ndarray]:
 
 def test_describe_the_image_is_answered_in_complete_sentences_outside_the_corpus() -> None:
     """Issue 20: v8 answered the portal's own chip "Describe the image." with an empty string or half a template;
-    v9 answers every one of these images in complete sentences (about the corpus's modalities: it knows no others)."""
+    v9 and v10 answer every one of these images in complete sentences (about the corpus's modalities: it knows no others)."""
     from engine import load_engine
     from engine.results import answer_is_unfinished
 

@@ -242,8 +242,9 @@ def test_fundus_vessel_masks_mark_the_vessels_a_viewer_sees(index: list[dict]) -
     tiles = [r for r in index if r["id"].startswith("fundus-skimage-retina-tile")]
     assert len(tiles) == 9
     for r in tiles:
-        green = _png(r["image"])[..., 1].astype(np.float64)
-        fov = ndi.binary_erosion(_png(r["image"])[..., 0] > 20, iterations=8)
+        rgb = _png(r["image"])
+        green = rgb[..., 1].astype(np.float64)
+        fov = ndi.binary_erosion(rgb[..., 0] > 20, iterations=8)
         top_hat = ndi.grey_closing(green, size=(11, 11)) - green
         strong = (top_hat > np.percentile(top_hat[fov], 95)) & fov
         vessels = _png(next(m["path"] for m in r["masks"] if m["label"] == "retinal vessels")) > 0

@@ -594,8 +594,8 @@ def stage_pool(stage: str, train: list[Example]) -> tuple[list[Example], list[Ex
 
 def balance_weights(examples: list[Example], cfg: TrainConfig) -> list[float]:
     """Sampling weights 1 / count**balance_power (count: examples of the same modality and task), histopathology
-    and fundus grounding boosted: rare modalities are seen more often. Inside a group, labels (grounding only) are weighted
-    1 / share**label_balance_power, rescaled so that the group keeps its total weight: rare structures (the
+    and fundus grounding boosted: rare modalities are seen more often. Inside a group, labels (grounding only) are
+    weighted 1 / share**label_balance_power, rescaled so that the group keeps its total weight: rare structures (the
     few lesions among hundreds of brain, grey- and white-matter masks) are asked for more often."""
     groups: dict[tuple[str, str], int] = {}
     labels: dict[tuple[str, str, str | None], int] = {}
@@ -802,7 +802,8 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2, polish
     if polish is not None:
         on_eval(0, -1)  # the starting checkpoint is the one to beat
         stages = [(k, (stage, steps)) for k, (stage, steps) in stages if stage in polish_stages]
-        probe = None  # never saved, so a polished stage starts without the trained one
+        probe = None  # never saved, so a polished stage has no trained one (built above all the same: its
+        # initialisation draws from torch's generator, and the documented v10 commands rely on that sequence)
     for stage_no, (stage, steps) in stages:
         if stage == "mask_decoder" and "state" in best:  # polish the masks of the best stage-3 model, LLM frozen
             model.load_state_dict(best["state"])
@@ -932,7 +933,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--presence-history-share", type=float, default=TrainConfig.presence_history_share,
                         help="the same share for yes/no presence questions (README); run 19: 0")
     parser.add_argument("--polish", type=Path, default=None, metavar="FOLDER",
-                        help="run only stage 4 (--steps' S4) from this checkpoint, keeping its answers (README: v10)")
+                        help="start from this checkpoint and run only --polish-stages (README: v10)")
     parser.add_argument("--polish-stages", nargs="+", choices=STAGES, default=["mask_decoder"],
                         help="the stages --polish runs (default: mask_decoder)")
     parser.add_argument("--lr", type=float, nargs=4, default=None, metavar=("L1", "L2", "L3", "L4"),
