@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file as load_state
 
 from engine.loading import load_engine
-from training.train import TrainConfig, train
+from engine.modeling.medplib import MedPLIBModel
+from training.train import TrainConfig, grow_sam_encoder, train
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "medimages"
 
@@ -46,3 +48,27 @@ def test_four_stages_write_a_loadable_released_checkpoint(tmp_path: Path) -> Non
     assert moved or polished["best_stage_step"] == [0, 0]
     tokenizers = [(tmp_path / name / "tokenizer.model").read_bytes() for name in ("tiny", "polished")]
     assert tokenizers[0] == tokenizers[1]
+
+
+def test_grown_sam_encoder_computes_what_the_old_one_did_until_trained() -> None:
+    """`--sam-depth` with `--polish` appends encoder blocks whose residual outputs start at zero (README, v11)."""
+    torch.manual_seed(0)
+    model = MedPLIBModel(TrainConfig().model_config(vocab_size=300)).eval()
+    for p in model.sam.parameters():  # not the zero-initialised defaults of a fresh model
+        p.data.add_(0.02 * torch.randn_like(p))
+    grown = grow_sam_encoder(model, 4, (1, 3)).eval()
+
+    assert grown.config.sam.encoder_depth == 4 and grown.config.sam.encoder_global_attn_indexes == (1, 3)
+    assert grown.config.llm == model.config.llm and grown.config.clip == model.config.clip
+    old, new = model.state_dict(), grown.state_dict()
+    assert set(new) - set(old) and all(k.startswith(("sam.image_encoder.blocks.2.", "sam.image_encoder.blocks.3."))
+                                       for k in set(new) - set(old))
+    assert all(torch.equal(old[k], new[k]) for k in old)
+    pixels = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(grown.sam.image_encoder(pixels), model.sam.image_encoder(pixels), rtol=0, atol=0)
+    assert grown.sam.image_encoder.blocks[3].window_size == 0 and grown.sam.image_encoder.blocks[2].window_size > 0
+    with pytest.raises(ValueError, match="global blocks"):
+        grow_sam_encoder(model, 4, (3,))  # block 1 would stop attending globally
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow_sam_encoder(grown, 2, (1,))

@@ -25,7 +25,8 @@ The prompt is the engine's own (`build_prompt(template="llava_v1")` + `encode_pr
 those the engine teacher-forces (answer + `</s>`), the mask loss is on `postprocess_masks` output at image
 size in the "crop" geometry, which the checkpoint declares (`config.json["mask_postprocess"]`). The best stage-3 checkpoint on the val split
 (scored by `engine.evaluate` through the real loader and `Engine`), or of stage 4 if better, is written in the
-released layout.
+released layout. `--polish FOLDER` runs chosen stages from a checkpoint this trainer wrote; with `--sam-depth` above
+the checkpoint's it first grows the SAM encoder (`grow_sam_encoder`, README: v11).
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ _REGION_RE = re.compile(r"<region>(.*?)</region>")
 _MASK_RE = re.compile(r"<mask>(.*?)</mask>")
 
 
+MICROSCOPY = ("histopathology", "fluorescence microscopy", "phase microscopy")  # no up, down, left or right
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Sizes, schedule and loss weights. Steps are optimiser steps of `batch_size` samples."""
@@ -99,7 +103,8 @@ class TrainConfig:
     clip_hidden: int = 64
     clip_layers: int = 3  # select layer -2: the last CLIP layer is never used (as in MedPLIB)
     sam_embed: int = 96
-    sam_depth: int = 2  # the last encoder block attends globally, the others in windows
+    sam_depth: int = 2  # the last encoder block attends globally, the others in windows ...
+    sam_global: tuple[int, ...] | None = None  # ... unless these blocks are named (a grown encoder: README)
     sam_prompt: int = 64
     steps: tuple[int, int, int, int] = (1500, 1600, 1800, 800)  # until run 17: 1800 and 1500; run 20: 900 (README: time)
     corpus_draws: int = 5  # train on the union of this many corpus draws (other templates / regions / labels)
@@ -113,6 +118,8 @@ class TrainConfig:
     balance_power: float = 0.5  # sampling weight 1 / count**power per (modality, task)
     histo_grounding_boost: float = 2.0  # extra weight for histopathology grounding (4 train tiles only)
     fundus_grounding_boost: float = 2.0  # extra weight for fundus grounding: thin vessels, 7 train tiles (v10)
+    turned: tuple[str, ...] = MICROSCOPY  # modalities whose tiles get random quarter turns (v11's run 31: + fundus)
+    contrast: float = 0.0  # contrast jitter about the image mean (augment; run 31: 0.3)
     label_balance_power: float = 0.5  # inside a modality's grounding, label weight 1 / share**power (README: why)
     online_share: float = 0.4  # share of VQA slots filled with questions drawn afresh (training.online)
     online_presence: float = 0.4  # ... of which presence yes/no questions (the rest: region questions)
@@ -141,7 +148,8 @@ class TrainConfig:
                   "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
                   "projection_dim": self.clip_hidden, "num_channels": 3},
             sam=SamMed2DConfig(encoder_embed_dim=self.sam_embed, encoder_depth=self.sam_depth, encoder_num_heads=4,
-                               encoder_global_attn_indexes=(self.sam_depth - 1,), prompt_embed_dim=self.sam_prompt,
+                               encoder_global_attn_indexes=self.sam_global or (self.sam_depth - 1,),
+                               prompt_embed_dim=self.sam_prompt,
                                decoder_mlp_dim=2 * self.sam_prompt, iou_head_hidden_dim=self.sam_prompt),
             mm_hidden_size=self.clip_hidden,
             out_dim=self.sam_prompt,
@@ -229,16 +237,14 @@ class LabelMaps:
         return {"labels": labels, "known": known}
 
 
-MICROSCOPY = ("histopathology", "fluorescence microscopy", "phase microscopy")  # no up, down, left or right
-
-
-def augment(ex: Example, rng: random.Random) -> Example:
+def augment(ex: Example, rng: random.Random, turned: tuple[str, ...] = MICROSCOPY, contrast: float = 0.0) -> Example:
     """Horizontal flip, a small aspect-keeping crop and an intensity change, applied alike to all arrays;
-    microscopy tiles, which have no orientation, also get a random quarter turn."""
+    tiles of the `turned` modalities, which have no orientation, also get a random quarter turn. `contrast` > 0
+    also scales the image about its mean by a factor in [1 - contrast, 1 + contrast / 2]."""
     arrays = [ex.image, ex.region, ex.gt, ex.labels]
     if rng.random() < 0.5:
         arrays = [None if a is None else a[:, ::-1] for a in arrays]
-    if ex.modality in MICROSCOPY and (turns := rng.randrange(4)):
+    if ex.modality in turned and (turns := rng.randrange(4)):
         arrays = [None if a is None else np.rot90(a, turns) for a in arrays]
     if rng.random() < 0.5:
         h, w = arrays[0].shape[:2]  # after the turn
@@ -252,6 +258,9 @@ def augment(ex: Example, rng: random.Random) -> Example:
         arrays = [ex.image, ex.region, ex.gt, ex.labels]
     image = arrays[0].astype(np.float32) / 255.0
     image = np.clip(image ** rng.uniform(0.75, 1.35) * rng.uniform(0.85, 1.15) + rng.uniform(-0.06, 0.06), 0, 1)
+    if contrast > 0:
+        mean = image.mean(axis=(0, 1), keepdims=True)
+        image = np.clip(mean + (image - mean) * rng.uniform(1 - contrast, 1 + contrast / 2), 0, 1)
     return replace(ex, image=np.ascontiguousarray((image * 255 + 0.5).astype(np.uint8)),
                    region=None if arrays[1] is None else np.ascontiguousarray(arrays[1]),
                    gt=None if arrays[2] is None else np.ascontiguousarray(arrays[2]),
@@ -669,7 +678,7 @@ def sample_batch(vqa: list[Example], ground: list[Example], cfg: TrainConfig, rn
             picked.append(online.draw(rng) if fresh else rng.choices(vqa, weights[0])[0])
     if history:
         picked = [with_history(ex, history, rng, cfg) for ex in picked]
-    return [augment(ex, rng) for ex in picked]
+    return [augment(ex, rng, cfg.turned, cfg.contrast) for ex in picked]
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -738,6 +747,31 @@ def init_model(config: MedPLIBConfig, seed: int) -> MedPLIBModel:
     return model
 
 
+def grow_sam_encoder(model: MedPLIBModel, depth: int, global_blocks: tuple[int, ...]) -> MedPLIBModel:
+    """`model` with `depth` SAM encoder blocks, the new ones after the old. Each new block is a residual branch
+    whose output layers start at zero (attention projection, MLP `lin2`, adapter norm), so the grown model computes
+    exactly what `model` did until training moves them (function-preserving growth, after Net2Net, Chen et al.
+    2016). `global_blocks` attend globally; they must keep the old ones' choice for the old blocks."""
+    old = model.config.sam
+    if depth < old.encoder_depth:
+        raise ValueError(f"cannot grow a {old.encoder_depth}-block SAM encoder to {depth} blocks")
+    kept = {i for i in global_blocks if i < old.encoder_depth}
+    if kept != set(old.encoder_global_attn_indexes):
+        raise ValueError(f"global blocks {global_blocks} change the old blocks' {old.encoder_global_attn_indexes}")
+    sam = replace(old, encoder_depth=depth, encoder_global_attn_indexes=tuple(global_blocks))
+    grown = MedPLIBModel(replace(model.config, sam=sam))
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    new = tuple(f"sam.image_encoder.blocks.{i}." for i in range(old.encoder_depth, depth))
+    if unexpected or any(not k.startswith(new) for k in missing):
+        raise ValueError(f"growth changed more than the new blocks: {unexpected or missing}")
+    for block in grown.sam.image_encoder.blocks[old.encoder_depth:]:
+        zeroed = [block.attn.proj, block.mlp.lin2] + ([block.Adapter.norm] if block.Adapter is not None else [])
+        for layer in zeroed:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    return grown
+
+
 def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2, polish: Path | None = None,
           polish_stages: tuple[str, ...] = ("mask_decoder",)) -> dict:
     """Build the corpus, train the tokenizer and the three stages, write the best checkpoint to `out`.
@@ -766,7 +800,10 @@ def train(*, assets: Path, out: Path, cfg: TrainConfig, threads: int = 2, polish
     else:
         sp_path, tok = polish / "tokenizer.model", MedPLIBTokenizer.from_folder(polish)
         model = build_model(MedPLIBConfig.from_folder(polish), polish, device="cpu", dtype=torch.float32)
-        if model.config != cfg.model_config(tok.vocab_size):
+        wanted = cfg.model_config(tok.vocab_size)
+        if model.config.sam.encoder_depth < wanted.sam.encoder_depth:
+            model = grow_sam_encoder(model, wanted.sam.encoder_depth, wanted.sam.encoder_global_attn_indexes)
+        if model.config != wanted:
             raise ValueError(f"{polish} is not a checkpoint of this recipe's sizes (TrainConfig)")
     log.info("model: %.2f M parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     routing = RoutingControl(model)
@@ -940,6 +977,14 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"peak learning rates of the four stages (default {TrainConfig.lr})")
     parser.add_argument("--select-after-turn", default=None, metavar="QUESTION",
                         help="also score val with every question asked after QUESTION; keep the best mean")
+    parser.add_argument("--turned", nargs="*", default=None, metavar="MODALITY",
+                        help="modalities whose tiles get random quarter turns (default: the microscopy ones)")
+    parser.add_argument("--contrast", type=float, default=TrainConfig.contrast, help="contrast jitter (augment)")
+    parser.add_argument("--fundus-grounding-boost", type=float, default=TrainConfig.fundus_grounding_boost)
+    parser.add_argument("--sam-depth", type=int, default=TrainConfig.sam_depth,
+                        help="SAM encoder blocks; with --polish, more than the checkpoint's grows it (README)")
+    parser.add_argument("--sam-global", type=int, nargs="+", default=None, metavar="BLOCK",
+                        help="SAM encoder blocks that attend globally (default: the last)")
     parser.add_argument("--region-grounding-share", type=float, default=TrainConfig.region_grounding_share,
                         help="share of grounding slots asked about a marked region (README); v8: 0")
     args = parser.parse_args(argv)
@@ -947,6 +992,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(seed=args.seed, region_attention_weight=args.region_attention_weight,
                       history_share=args.history_share, presence_history_share=args.presence_history_share,
                       region_grounding_share=args.region_grounding_share, select_after_turn=args.select_after_turn,
+                      contrast=args.contrast, fundus_grounding_boost=args.fundus_grounding_boost,
+                      sam_depth=args.sam_depth, sam_global=None if args.sam_global is None else tuple(args.sam_global),
+                      **({} if args.turned is None else {"turned": tuple(args.turned)}),
                       **({} if args.lr is None else {"lr": tuple(args.lr)}),
                       **({} if args.evals is None else {"evals": tuple(args.evals)}),
                       **({} if args.steps is None else {"steps": tuple(args.steps)}))
