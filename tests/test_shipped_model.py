@@ -95,28 +95,16 @@ def test_the_new_tasks_meet_their_floors(ci_metrics: dict) -> None:
         assert ci_metrics[key] >= floor, f"{key} {ci_metrics[key]:.3f} < {floor}"
 
 
-def _out_of_corpus_images() -> list[np.ndarray]:
-    """The issue's images: pydicom's CT_small and MR_small as files (the corpus holds only resized, windowed cuts of
-    them), pydicom ultrasound samples and photographs, which the corpus never holds."""
-    from pydicom.data import get_testdata_file
-    from skimage import data
-
-    from engine import imageio
-
-    dicoms = [imageio.to_rgb(imageio.read_image(get_testdata_file(name, download=False))) for name in
-              ("CT_small.dcm", "MR_small.dcm", "examples_rgb_color.dcm", "examples_palette.dcm")]
-    return [*dicoms, np.stack([data.camera()] * 3, axis=-1), data.astronaut()]
-
-
 def test_describe_the_image_is_answered_in_complete_sentences_outside_the_corpus() -> None:
     """Issue 20: v8 answered the portal's own chip "Describe the image." with an empty string or half a template;
-    v9, v10 and v11 answer every one of these images in complete sentences (about the corpus's modalities: it
-    knows no others)."""
+    v9, v10 and v11 answer every one of these images (`benchmarks.describe_outside`: pydicom files and photographs
+    no corpus record holds) in complete sentences (about the corpus's modalities: it knows no others)."""
+    from benchmarks.describe_outside import outside_images
     from engine import load_engine
     from engine.results import answer_is_unfinished
 
     eng = load_engine()
-    answers = [eng.ask(eng.set_image(rgb), "Describe the image.").text for rgb in _out_of_corpus_images()]
+    answers = [eng.ask(eng.set_image(rgb), "Describe the image.").text for rgb in outside_images().values()]
     assert not [a for a in answers if answer_is_unfinished(a)], answers
 
 

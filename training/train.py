@@ -980,7 +980,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--turned", nargs="*", default=None, metavar="MODALITY",
                         help="modalities whose tiles get random quarter turns (default: the microscopy ones)")
     parser.add_argument("--contrast", type=float, default=TrainConfig.contrast, help="contrast jitter (augment)")
-    parser.add_argument("--fundus-grounding-boost", type=float, default=TrainConfig.fundus_grounding_boost)
+    parser.add_argument("--fundus-grounding-boost", type=float, default=TrainConfig.fundus_grounding_boost,
+                        help=f"sampling weight of fundus grounding (default {TrainConfig.fundus_grounding_boost})")
     parser.add_argument("--sam-depth", type=int, default=TrainConfig.sam_depth,
                         help="SAM encoder blocks; with --polish, more than the checkpoint's grows it (README)")
     parser.add_argument("--sam-global", type=int, nargs="+", default=None, metavar="BLOCK",
