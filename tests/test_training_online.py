@@ -19,7 +19,7 @@ from training.online import (
     region_grounding_sample,
     region_sample,
 )
-from training.train import Example, augment
+from training.train import Example, augment, spin, warp
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "medimages"
 
@@ -117,6 +117,24 @@ def test_quarter_turns_keep_image_region_and_mask_aligned() -> None:
         assert out.known.tolist() == [True, False]
         assert (bright == out.gt).mean() > 0.97  # the same pixels, up to the intensity change at the edges
     assert any(h > w for h, w in shapes)  # some draws turned the 20x30 tile on its side
+
+
+def test_any_angle_turns_and_elastic_warps_move_image_and_masks_alike() -> None:
+    """`--spun` and `--warped` (runs 35 and 38): the masks land where the image's bright pixels went."""
+    yy, xx = np.mgrid[0:64, 0:72]
+    mask = ((yy - 20) ** 2 + (xx - 30) ** 2 < 81) | ((yy > 40) & (xx > 10) & (xx < 60) & (yy < 46))
+    image = np.repeat((mask * 200 + 20).astype(np.uint8)[..., None], 3, axis=-1)
+    labels = np.stack([mask, ~mask], axis=-1)
+    assert all(np.array_equal(a, b) for a, b in zip(spin([image, mask, mask, labels], 0.0),
+                                                      [image, mask, mask, labels], strict=True))
+    rng = random.Random(5)
+    for out in [spin([image, mask, mask, labels], 37.0), warp([image, mask, mask, labels], rng, 6.0, 8.0)]:
+        assert out[0].shape == image.shape and out[0].dtype == np.uint8 and out[3].shape == labels.shape
+        assert not np.array_equal(out[2], mask)  # it moved ...
+        assert np.array_equal(out[1], out[2]) and np.array_equal(out[3][..., 0], out[2])
+        assert np.array_equal(out[3][..., 1], ~out[2])
+        assert ((out[0][..., 0] > 110) == out[2]).mean() > 0.97  # ... with the image, up to edge pixels
+        assert abs(int(out[2].sum()) - int(mask.sum())) < 0.1 * mask.sum()
 
 
 def test_augmented_regions_always_cover_a_clip_patch(images: list[OnlineImage]) -> None:

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage as ndi
 from torch import nn
 from tqdm import tqdm
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -120,6 +121,8 @@ class TrainConfig:
     fundus_grounding_boost: float = 2.0  # extra weight for fundus grounding: thin vessels, 7 train tiles (v10)
     turned: tuple[str, ...] = MICROSCOPY  # modalities whose tiles get random quarter turns (v11's run 31: + fundus)
     contrast: float = 0.0  # contrast jitter about the image mean (augment; run 31: 0.3)
+    warped: tuple[str, ...] = ()  # modalities whose tiles are also deformed elastically (augment; README: run 38)
+    spun: tuple[str, ...] = ()  # modalities whose tiles are also turned by any angle (augment; README: run 35)
     label_balance_power: float = 0.5  # inside a modality's grounding, label weight 1 / share**power (README: why)
     online_share: float = 0.4  # share of VQA slots filled with questions drawn afresh (training.online)
     online_presence: float = 0.4  # ... of which presence yes/no questions (the rest: region questions)
@@ -237,15 +240,70 @@ class LabelMaps:
         return {"labels": labels, "known": known}
 
 
-def augment(ex: Example, rng: random.Random, turned: tuple[str, ...] = MICROSCOPY, contrast: float = 0.0) -> Example:
+def _mirror(index: np.ndarray, n: int) -> np.ndarray:
+    """Indices outside [0, n) folded back as scipy's "mirror" mode does (d c b | a b c d | c b a)."""
+    period = max(2 * (n - 1), 1)
+    index = np.abs(index) % period
+    return np.where(index >= n, period - index, index)
+
+
+def _resample(arrays: list[np.ndarray | None], sy: np.ndarray, sx: np.ndarray) -> list[np.ndarray | None]:
+    """Each output pixel (y, x) of `arrays` (image first, then masks) read at (sy, sx) of the input, reflected at
+    the edges: the image bilinearly, the masks (all their channels at once) by nearest neighbour."""
+    h, w = arrays[0].shape[:2]
+    image = arrays[0]
+    planes = image[..., None] if image.ndim == 2 else image
+    moved = np.stack([ndi.map_coordinates(planes[..., c], [sy, sx], order=1, mode="mirror")
+                      for c in range(planes.shape[-1])], axis=-1)
+    rows, cols = _mirror(np.rint(sy).astype(np.int64), h), _mirror(np.rint(sx).astype(np.int64), w)
+    return [moved.reshape(image.shape)] + [None if a is None else a[rows, cols] for a in arrays[1:]]
+
+
+def spin(arrays: list[np.ndarray | None], degrees: float) -> list[np.ndarray | None]:
+    """`arrays` (image first, then masks) turned by `degrees` about their centre, keeping their shape; the corners
+    are filled by reflection, so a vessel runs on as its mirror image."""
+    h, w = arrays[0].shape[:2]
+    t = math.radians(degrees)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    return _resample(arrays, cy + (y - cy) * math.cos(t) - (x - cx) * math.sin(t),
+                     cx + (y - cy) * math.sin(t) + (x - cx) * math.cos(t))
+
+
+def warp(arrays: list[np.ndarray | None], rng: random.Random, shift: float, smooth: float) -> list[np.ndarray | None]:
+    """`arrays` (image first, then masks) deformed by one smooth random displacement field whose largest shift is
+    `shift` pixels (white noise blurred by a Gaussian of `smooth` px): elastic deformation, the augmentation that
+    let U-Net (Ronneberger et al., 2015) learn from a few annotated images."""
+    h, w = arrays[0].shape[:2]
+    noise = np.random.default_rng(rng.getrandbits(32)).uniform(-1, 1, (2, h, w))
+    field = np.stack([ndi.gaussian_filter(n, smooth, mode="mirror") for n in noise])
+    field *= shift / max(float(np.abs(field).max()), 1e-6)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    return _resample(arrays, y + field[0], x + field[1])
+
+
+WARP_SHIFT, WARP_SMOOTH = 12.0, 16.0  # elastic deformation: largest shift and smoothness, pixels
+
+
+def augment(ex: Example, rng: random.Random, turned: tuple[str, ...] = MICROSCOPY, contrast: float = 0.0,
+            spun: tuple[str, ...] = (), warped: tuple[str, ...] = ()) -> Example:
     """Horizontal flip, a small aspect-keeping crop and an intensity change, applied alike to all arrays;
-    tiles of the `turned` modalities, which have no orientation, also get a random quarter turn. `contrast` > 0
-    also scales the image about its mean by a factor in [1 - contrast, 1 + contrast / 2]."""
+    tiles of the `turned` modalities, which have no orientation, also get a random quarter turn, and those of the
+    `spun` ones a turn by any angle, those of the `warped` ones an elastic deformation. `contrast` > 0 also scales the image about its mean by a factor in
+    [1 - contrast, 1 + contrast / 2]."""
     arrays = [ex.image, ex.region, ex.gt, ex.labels]
     if rng.random() < 0.5:
         arrays = [None if a is None else a[:, ::-1] for a in arrays]
     if ex.modality in turned and (turns := rng.randrange(4)):
         arrays = [None if a is None else np.rot90(a, turns) for a in arrays]
+    if ex.modality in spun:
+        spun_arrays = spin(arrays, rng.uniform(-45.0, 45.0))
+        if spun_arrays[1] is None or region_grid(spun_arrays[1]).any():
+            arrays = spun_arrays
+    if ex.modality in warped:
+        warped_arrays = warp(arrays, rng, WARP_SHIFT, WARP_SMOOTH)
+        if warped_arrays[1] is None or region_grid(warped_arrays[1]).any():
+            arrays = warped_arrays
     if rng.random() < 0.5:
         h, w = arrays[0].shape[:2]  # after the turn
         scale = rng.uniform(0.85, 1.0)
@@ -678,7 +736,7 @@ def sample_batch(vqa: list[Example], ground: list[Example], cfg: TrainConfig, rn
             picked.append(online.draw(rng) if fresh else rng.choices(vqa, weights[0])[0])
     if history:
         picked = [with_history(ex, history, rng, cfg) for ex in picked]
-    return [augment(ex, rng, cfg.turned, cfg.contrast) for ex in picked]
+    return [augment(ex, rng, cfg.turned, cfg.contrast, cfg.spun, cfg.warped) for ex in picked]
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -980,6 +1038,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--turned", nargs="*", default=None, metavar="MODALITY",
                         help="modalities whose tiles get random quarter turns (default: the microscopy ones)")
     parser.add_argument("--contrast", type=float, default=TrainConfig.contrast, help="contrast jitter (augment)")
+    parser.add_argument("--warped", nargs="*", default=[], metavar="MODALITY",
+                        help="modalities whose tiles are also deformed elastically (augment)")
+    parser.add_argument("--spun", nargs="*", default=[], metavar="MODALITY",
+                        help="modalities whose tiles are also turned by any angle up to 45 degrees (augment)")
     parser.add_argument("--fundus-grounding-boost", type=float, default=TrainConfig.fundus_grounding_boost,
                         help=f"sampling weight of fundus grounding (default {TrainConfig.fundus_grounding_boost})")
     parser.add_argument("--sam-depth", type=int, default=TrainConfig.sam_depth,
@@ -995,6 +1057,7 @@ def main(argv: list[str] | None = None) -> None:
                       region_grounding_share=args.region_grounding_share, select_after_turn=args.select_after_turn,
                       contrast=args.contrast, fundus_grounding_boost=args.fundus_grounding_boost,
                       sam_depth=args.sam_depth, sam_global=None if args.sam_global is None else tuple(args.sam_global),
+                      spun=tuple(args.spun), warped=tuple(args.warped),
                       **({} if args.turned is None else {"turned": tuple(args.turned)}),
                       **({} if args.lr is None else {"lr": tuple(args.lr)}),
                       **({} if args.evals is None else {"evals": tuple(args.evals)}),
