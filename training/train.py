@@ -285,34 +285,36 @@ def warp(arrays: list[np.ndarray | None], rng: random.Random, shift: float, smoo
 WARP_SHIFT, WARP_SMOOTH = 12.0, 16.0  # elastic deformation: largest shift and smoothness, pixels
 
 
+def _keeps_region(arrays: list[np.ndarray | None]) -> bool:
+    """Whether the region of moved `arrays` (image, region, gt, labels), if there is one, still covers a CLIP patch."""
+    return arrays[1] is None or bool(region_grid(arrays[1]).any())
+
+
 def augment(ex: Example, rng: random.Random, turned: tuple[str, ...] = MICROSCOPY, contrast: float = 0.0,
             spun: tuple[str, ...] = (), warped: tuple[str, ...] = ()) -> Example:
     """Horizontal flip, a small aspect-keeping crop and an intensity change, applied alike to all arrays;
-    tiles of the `turned` modalities, which have no orientation, also get a random quarter turn, and those of the
-    `spun` ones a turn by any angle, those of the `warped` ones an elastic deformation. `contrast` > 0 also scales the image about its mean by a factor in
-    [1 - contrast, 1 + contrast / 2]."""
+    tiles of the `turned` modalities, which have no orientation, also get a random quarter turn, those of the
+    `spun` ones a turn by any angle and those of the `warped` ones an elastic deformation. `contrast` > 0 also
+    scales the image about its mean by a factor in [1 - contrast, 1 + contrast / 2]. A move that would leave the
+    region between the CLIP patches is skipped."""
     arrays = [ex.image, ex.region, ex.gt, ex.labels]
     if rng.random() < 0.5:
         arrays = [None if a is None else a[:, ::-1] for a in arrays]
     if ex.modality in turned and (turns := rng.randrange(4)):
         arrays = [None if a is None else np.rot90(a, turns) for a in arrays]
-    if ex.modality in spun:
-        spun_arrays = spin(arrays, rng.uniform(-45.0, 45.0))
-        if spun_arrays[1] is None or region_grid(spun_arrays[1]).any():
-            arrays = spun_arrays
-    if ex.modality in warped:
-        warped_arrays = warp(arrays, rng, WARP_SHIFT, WARP_SMOOTH)
-        if warped_arrays[1] is None or region_grid(warped_arrays[1]).any():
-            arrays = warped_arrays
+    if ex.modality in spun and _keeps_region(spun_arrays := spin(arrays, rng.uniform(-45.0, 45.0))):
+        arrays = spun_arrays
+    if ex.modality in warped and _keeps_region(warped_arrays := warp(arrays, rng, WARP_SHIFT, WARP_SMOOTH)):
+        arrays = warped_arrays
     if rng.random() < 0.5:
         h, w = arrays[0].shape[:2]  # after the turn
         scale = rng.uniform(0.85, 1.0)
         ch, cw = max(int(h * scale), 16), max(int(w * scale), 16)
         top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
         cropped = [None if a is None else a[top:top + ch, left:left + cw] for a in arrays]
-        if (cropped[1] is None or region_grid(cropped[1]).any()) and (cropped[2] is None or cropped[2].any()):
+        if _keeps_region(cropped) and (cropped[2] is None or cropped[2].any()):
             arrays = cropped
-    if arrays[1] is not None and not region_grid(arrays[1]).any():  # a small region fell between the patches
+    if not _keeps_region(arrays):  # a small region fell between the patches
         arrays = [ex.image, ex.region, ex.gt, ex.labels]
     image = arrays[0].astype(np.float32) / 255.0
     image = np.clip(image ** rng.uniform(0.75, 1.35) * rng.uniform(0.85, 1.15) + rng.uniform(-0.06, 0.06), 0, 1)
